@@ -1,0 +1,252 @@
+"""Weight quantization schemes: the NumPy reference and the same math in TVM TE.
+
+The course's schemes follow MLC LLM's names: ``q{bits}f{float bits}_{variant}``.
+
+* ``q0f32`` / ``q0f16``: no quantization, weights kept as float32 / float16.
+* ``q4f32_1`` / ``q4f16_1``: MLC's symmetric 4-bit format. Groups of 32 consecutive
+  elements along the input dimension K share one scale ``max|w| / 7``; each weight is
+  stored as ``q = clip(round(w / scale) + 7, 0, 14)``, eight 4-bit values per uint32
+  (element j of a word at bits 4j..4j+3). ``_1`` keeps the scale as float16 (``q4f16_1``)
+  or float32 (``q4f32_1``).
+* ``q4f32_asym`` / ``q4f16_asym``: asymmetric 4-bit with a scale *and* a minimum per group
+  of 32, ``w = q * scale + min`` with q in 0..15, the grid of GGUF's Q4_1. The scale and
+  minimum are stored together in ``q_scale`` with a trailing axis of 2.
+
+``quantize(w, name) -> (q_weight, q_scale)`` and ``dequantize(q_weight, q_scale, name)``
+are the bit-exact reference every other piece (the TE kernels, the labs, the tests) is
+checked against. ``q_scale`` is ``None`` for the ``q0`` schemes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+GROUP_SIZE = 32
+ELEMS_PER_WORD = 8  # eight 4-bit values in one uint32
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """What a quantization name means."""
+
+    name: str
+    bits: int  # 0 = not quantized
+    float_dtype: str  # dtype of activations and of the stored scale
+    symmetric: bool = True
+    group_size: int = GROUP_SIZE
+
+    @property
+    def quantized(self) -> bool:
+        return self.bits != 0
+
+    def bits_per_weight(self) -> float:
+        """Storage bits per weight, scales included (q4f16_1: 4 + 16/32 = 4.5)."""
+        if not self.quantized:
+            return float(np.dtype(self.float_dtype).itemsize * 8)
+        per_group = (1 if self.symmetric else 2) * np.dtype(self.float_dtype).itemsize * 8
+        return self.bits + per_group / self.group_size
+
+    def describe(self) -> str:
+        if not self.quantized:
+            return f"{self.name}: {self.float_dtype} weights, no quantization"
+        kind = "symmetric (scale)" if self.symmetric else "asymmetric (scale + min)"
+        return (f"{self.name}: {self.bits}-bit, groups of {self.group_size}, {kind} in "
+                f"{self.float_dtype}, {self.bits_per_weight():g} bits/weight")
+
+
+SCHEMES: dict[str, Scheme] = {
+    s.name: s
+    for s in [
+        Scheme("q0f32", 0, "float32"),
+        Scheme("q0f16", 0, "float16"),
+        Scheme("q4f32_1", 4, "float32"),
+        Scheme("q4f16_1", 4, "float16"),
+        Scheme("q4f32_asym", 4, "float32", symmetric=False),
+        Scheme("q4f16_asym", 4, "float16", symmetric=False),
+    ]
+}
+
+
+def get_scheme(name: str) -> Scheme:
+    """Look a scheme up by name; unknown names get a ValueError listing the known ones."""
+    if isinstance(name, Scheme):
+        return name
+    try:
+        return SCHEMES[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown quantization scheme {name!r}; choose one of: {', '.join(SCHEMES)}"
+        ) from None
+
+
+def _check_weight(w: np.ndarray, scheme: Scheme) -> np.ndarray:
+    w = np.asarray(w)
+    if w.ndim != 2:
+        raise ValueError(f"expected a 2-D weight (out N, in K), got shape {w.shape}")
+    if scheme.quantized and w.shape[1] % scheme.group_size:
+        raise ValueError(
+            f"{scheme.name} needs the input dimension K divisible by the group size "
+            f"{scheme.group_size}; this weight has K = {w.shape[1]} (shape {w.shape}). "
+            f"Pad K to {-(-w.shape[1] // scheme.group_size) * scheme.group_size} or use q0f32/q0f16."
+        )
+    return w.astype(np.float32, copy=False)
+
+
+def pack_nibbles(q: np.ndarray) -> np.ndarray:
+    """Pack 4-bit integers (..., K) into uint32 words (..., K/8), element j at bits 4j..4j+3."""
+    q = np.asarray(q, dtype=np.uint32)
+    if q.shape[-1] % ELEMS_PER_WORD:
+        raise ValueError(f"last dimension {q.shape[-1]} is not a multiple of {ELEMS_PER_WORD}")
+    q = q.reshape(*q.shape[:-1], -1, ELEMS_PER_WORD)
+    shifts = (4 * np.arange(ELEMS_PER_WORD, dtype=np.uint32))
+    return np.bitwise_or.reduce(q << shifts, axis=-1).astype(np.uint32)
+
+
+def unpack_nibbles(words: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`pack_nibbles`: (..., K/8) uint32 -> (..., K) uint8 values 0..15."""
+    words = np.asarray(words, dtype=np.uint32)
+    shifts = (4 * np.arange(ELEMS_PER_WORD, dtype=np.uint32))
+    q = (words[..., None] >> shifts) & np.uint32(0xF)
+    return q.reshape(*words.shape[:-1], -1).astype(np.uint8)
+
+
+def quantize(w: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Quantize a float weight of shape (N out, K in).
+
+    Returns ``(q_weight, q_scale)``: for q4 schemes ``q_weight`` is (N, K/8) uint32 and
+    ``q_scale`` (N, K/32) in the scheme's float dtype (asymmetric: (N, K/32, 2) holding
+    scale and minimum); for q0 schemes ``(w cast to the float dtype, None)``.
+    """
+    scheme = get_scheme(name)
+    w = _check_weight(w, scheme)
+    if not scheme.quantized:
+        return w.astype(scheme.float_dtype), None
+    n, k = w.shape
+    g = w.reshape(n, k // scheme.group_size, scheme.group_size)
+    store = np.dtype(scheme.float_dtype)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        if scheme.symmetric:
+            max_abs = np.max(np.abs(g), axis=-1)
+            scale = (max_abs / np.float32(7)).astype(np.float32).astype(store)
+            s32 = scale.astype(np.float32)[..., None]
+            q = np.round(g / s32) + np.float32(7)
+            q = np.where(s32 > 0, q, np.float32(7))
+            q = np.clip(np.nan_to_num(q, nan=7.0), 0, 14)
+            q_scale = scale
+        else:
+            lo = np.min(g, axis=-1)
+            hi = np.max(g, axis=-1)
+            scale = ((hi - lo) / np.float32(15)).astype(np.float32).astype(store)
+            lo_s = lo.astype(store)
+            s32 = scale.astype(np.float32)[..., None]
+            q = np.round((g - lo_s.astype(np.float32)[..., None]) / s32)
+            q = np.where(s32 > 0, q, np.float32(0))
+            q = np.clip(np.nan_to_num(q, nan=0.0), 0, 15)
+            q_scale = np.stack([scale, lo_s], axis=-1)
+    q_weight = pack_nibbles(q.astype(np.uint32).reshape(n, k))
+    return q_weight, q_scale
+
+
+def dequantize(q_weight: np.ndarray, q_scale: np.ndarray | None, name: str) -> np.ndarray:
+    """Reconstruct float32 weights (N, K) from :func:`quantize`'s output."""
+    scheme = get_scheme(name)
+    if not scheme.quantized:
+        return np.asarray(q_weight).astype(np.float32)
+    if q_scale is None:
+        raise ValueError(f"{scheme.name} needs q_scale; got None")
+    q = unpack_nibbles(q_weight).astype(np.float32)
+    n, k = q.shape
+    q = q.reshape(n, k // scheme.group_size, scheme.group_size)
+    q_scale = np.asarray(q_scale)
+    if scheme.symmetric:
+        w = (q - np.float32(7)) * q_scale.astype(np.float32)[..., None]
+    else:
+        scale = q_scale[..., 0].astype(np.float32)[..., None]
+        lo = q_scale[..., 1].astype(np.float32)[..., None]
+        w = q * scale + lo
+    return w.reshape(n, k).astype(np.float32)
+
+
+def error_bound(q_scale: np.ndarray, name: str) -> np.ndarray:
+    """Per-element bound on |w - dequantize(quantize(w))|: half a grid step, per group.
+
+    Holds when the stored scale did not round below the float32 one by more than the
+    rounding allows; for float16 scales the bound gets the slack of one float16 ulp.
+    """
+    scheme = get_scheme(name)
+    s = np.asarray(q_scale).astype(np.float32)
+    step = s if scheme.symmetric else s[..., 0]
+    return step / 2
+
+
+def nbytes(shape: tuple[int, int], name: str) -> int:
+    """Bytes a weight of shape (N, K) takes in a scheme, scales included."""
+    scheme = get_scheme(name)
+    n, k = shape
+    return int(round(n * k * scheme.bits_per_weight() / 8))
+
+
+# ---------------------------------------------------------------------------------------
+# The same math as TVM tensor expressions. Used by the model (quantized linear layers) and
+# by notebook 02 to show that the compiled kernel agrees bit for bit with NumPy.
+# ---------------------------------------------------------------------------------------
+
+def te_dequantize(q_weight, q_scale, name: str, out_dtype: str = "float32"):
+    """A TE compute that dequantizes ``q_weight`` (N, K/8) with ``q_scale`` to (N, K)."""
+    from tvm import te, tirx
+
+    scheme = get_scheme(name)
+    n, kw = q_weight.shape
+    k = kw * ELEMS_PER_WORD
+    gs = scheme.group_size
+
+    def nibble(i, j):
+        word = q_weight[i, j // ELEMS_PER_WORD]
+        shift = (j % ELEMS_PER_WORD * 4).astype("uint32")
+        return ((word >> shift) & tirx.const(0xF, "uint32")).astype("float32")
+
+    if scheme.symmetric:
+        def f(i, j):
+            return ((nibble(i, j) - tirx.const(7, "float32"))
+                    * q_scale[i, j // gs].astype("float32")).astype(out_dtype)
+    else:
+        def f(i, j):
+            return (nibble(i, j) * q_scale[i, j // gs, 0].astype("float32")
+                    + q_scale[i, j // gs, 1].astype("float32")).astype(out_dtype)
+
+    return te.compute((n, k), f, name="dequantize")
+
+
+def build_dequantize_cpu(shape: tuple[int, int], name: str):
+    """Compile the TE dequantize for this CPU; returns a callable on NumPy arrays.
+
+    The first use of TVM in the course: a TE compute, turned into a PrimFunc and compiled
+    with ``tvm.compile`` for the host CPU.
+    """
+    import tvm
+    from tvm import te
+
+    scheme = get_scheme(name)
+    if not scheme.quantized:
+        raise ValueError(f"{scheme.name} has nothing to dequantize")
+    n, k = shape
+    qw = te.placeholder((n, k // ELEMS_PER_WORD), "uint32", name="q_weight")
+    sshape = (n, k // scheme.group_size) + (() if scheme.symmetric else (2,))
+    qs = te.placeholder(sshape, scheme.float_dtype, name="q_scale")
+    out = te_dequantize(qw, qs, name)
+    func = te.create_prim_func([qw, qs, out])
+    from .compile import cpu_target
+
+    lib = tvm.compile(tvm.IRModule({"main": func}), target=cpu_target())
+    dev = tvm.cpu()
+
+    def run(q_weight: np.ndarray, q_scale: np.ndarray) -> np.ndarray:
+        res = tvm.runtime.empty((n, k), "float32", dev)
+        lib["main"](tvm.runtime.tensor(q_weight, dev), tvm.runtime.tensor(q_scale, dev), res)
+        return res.numpy()
+
+    run.lib = lib
+    run.prim_func = func
+    return run
