@@ -1,8 +1,31 @@
-"""One compile pipeline for every notebook, test and the engine."""
+"""One compile pipeline for every notebook, test and the engine.
+
+``build_model(cfg, scheme, shards, device)`` exports the Relax module of
+:mod:`mlc_course.model`, runs :func:`pipeline` for the target and returns the path of a
+shared library, cached on disk under a key made of everything that changes the result
+(config, scheme, shards, target, TVM and package versions, and the source of the modules
+that generate code). A cache entry that fails to load is rebuilt.
+
+The pipeline is MLC's in miniature, in named stages that notebook 06 prints one by one:
+
+1. ``legalize``: Relax ops -> TIR PrimFuncs (``LegalizeOps``), op patterns annotated;
+2. ``fuse``: ``FuseOps`` + ``FuseTIR`` merge elementwise work into the kernels around it;
+3. ``schedule``: dlight rules give each kernel a schedule (GEMV, reductions, matmul; GPU
+   rules on CUDA, CPU rules on the host);
+4. ``lower``: Relax dataflow -> VM calls, memory planning, (CUDA graphs), shape lowering.
+"""
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+# ------------------------------------------------------------------------------ targets
 
 
 @functools.lru_cache(maxsize=None)
@@ -16,9 +39,160 @@ def host_cpu() -> str:
 
 def cpu_target(num_cores: int | None = None):
     """A TVM target for this machine's CPU."""
-    import os
-
     import tvm
 
     cfg = {"kind": "llvm", "mcpu": host_cpu(), "num-cores": num_cores or os.cpu_count() or 1}
     return tvm.target.Target(cfg)
+
+
+# GPU targets by short name. Tags carry the right arch and limits; TVM 0.27 rejects strings.
+CUDA_TAGS = {"h100": "nvidia/nvidia-h100", "a100": "nvidia/nvidia-a100", "rtx4090": "nvidia/geforce-rtx-4090"}
+
+
+def get_target(device: str = "cpu"):
+    """``cpu`` (this machine), ``cuda``/``h100`` (sm_90a), ``a100`` (sm_80), ``rtx4090`` (sm_89)."""
+    import tvm
+
+    if device == "cpu":
+        return cpu_target()
+    key = "h100" if device == "cuda" else device
+    if key not in CUDA_TAGS:
+        raise ValueError(f"unknown device {device!r}; use cpu, cuda, or one of {', '.join(CUDA_TAGS)}")
+    return tvm.target.Target(CUDA_TAGS[key], host=cpu_target())
+
+
+def is_gpu(target) -> bool:
+    return target.kind.name in ("cuda", "rocm", "vulkan", "metal", "opencl", "webgpu")
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+
+def pipeline_stages(target) -> list[tuple[str, list]]:
+    """The course's pipeline as (stage name, passes)."""
+    import tvm.s_tir.dlight as dl
+    from tvm import relax
+
+    legalize = [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+                relax.transform.FoldConstant()]
+    fuse = [relax.transform.FuseOps(), relax.transform.FuseTIR(),
+            relax.transform.DeadCodeElimination()]
+    if is_gpu(target):
+        rules = [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
+                 dl.gpu.Fallback()]
+    else:
+        rules = []
+    schedule = [dl.ApplyDefaultSchedule(*rules)] if rules else []
+    lower = [relax.transform.RewriteDataflowReshape(), relax.transform.ToNonDataflow(),
+             relax.transform.RemovePurityChecking(), relax.transform.CallTIRRewrite(),
+             relax.transform.StaticPlanBlockMemory()]
+    if is_gpu(target):
+        lower.append(relax.transform.RewriteCUDAGraph())
+    lower += [relax.transform.LowerAllocTensor(), relax.transform.KillAfterLastUse(),
+              relax.transform.LowerRuntimeBuiltin(), relax.transform.ComputePrimValue(),
+              relax.transform.VMShapeLower(), relax.transform.AttachGlobalSymbol()]
+    return [("legalize", legalize), ("fuse", fuse), ("schedule", schedule), ("lower", lower)]
+
+
+def run_stages(mod, target, upto: str | None = None, log=None):
+    """Apply the pipeline's stages to ``mod`` (up to and including ``upto``)."""
+    import tvm
+
+    for name, passes in pipeline_stages(target):
+        t0 = time.time()
+        with target, tvm.transform.PassContext(opt_level=3):
+            mod = tvm.transform.Sequential(passes)(mod)
+        if log:
+            log(f"  {name:<9} {time.time() - t0:6.1f} s")
+        if name == upto:
+            break
+    return mod
+
+
+def pipeline(target, log=None):
+    """The whole pipeline as one module pass, for ``tvm.compile(relax_pipeline=...)``."""
+    import tvm
+
+    @tvm.transform.module_pass(opt_level=0)
+    def _pipeline(mod, _ctx):
+        return run_stages(mod, target, log=log)
+
+    return _pipeline
+
+
+def compile_module(mod, target, log=None):
+    """Compile a Relax IRModule with the course pipeline; returns the VM executable."""
+    import tvm
+
+    t0 = time.time()
+    ex = tvm.compile(mod, target=target, relax_pipeline=pipeline(target, log))
+    if log:
+        log(f"  codegen + link {time.time() - t0:6.1f} s in all")
+    return ex
+
+
+# -------------------------------------------------------------------------------- cache
+
+
+def _source_digest() -> str:
+    """Hash of the modules whose code ends up in a compiled library."""
+    here = Path(__file__).parent
+    h = hashlib.sha256()
+    for name in ("model.py", "quantization.py", "compile.py", "sharding.py"):
+        h.update((here / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def cache_key(cfg, scheme: str, shards: int, target) -> dict:
+    import tvm
+
+    from . import __version__
+
+    return {"config": cfg.to_dict(), "scheme": scheme, "shards": shards,
+            "target": str(target), "tvm": tvm.__version__, "mlc_course": __version__,
+            "source": _source_digest()}
+
+
+def library_path(cfg, scheme: str, shards: int, target) -> Path:
+    from .weights import cache_dir
+
+    key = cache_key(cfg, scheme, shards, target)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    kind = "gpu" if is_gpu(target) else "cpu"
+    return cache_dir() / "lib" / f"{cfg.name}-{scheme}-tp{shards}-{kind}-{digest}" / "model.so"
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def build_model(cfg, scheme: str, shards: int = 1, device: str = "cpu", *, target=None,
+                force: bool = False, quiet: bool = False) -> Path:
+    """Compile the model (or reuse the cached library) and return the library's path."""
+    import tvm
+
+    from .model import export
+    from .quantization import get_scheme
+
+    get_scheme(scheme)
+    target = target or get_target(device)
+    path = library_path(cfg, scheme, shards, target)
+    log = (lambda m: None) if quiet else _log
+    if path.exists() and not force:
+        try:
+            tvm.runtime.load_module(str(path))
+            return path
+        except Exception as e:  # corrupt or stale: rebuild
+            log(f"cached library {path} does not load ({type(e).__name__}); rebuilding")
+    log(f"compiling {cfg.name} {scheme} shards={shards} for {target.kind.name} "
+        f"(cached afterwards in {path.parent})")
+    t0 = time.time()
+    mod, _ = export(cfg, scheme, shards)
+    ex = compile_module(mod, target, log)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"model.{os.getpid()}.tmp.so")
+    ex.export_library(str(tmp))
+    (path.parent / "key.json").write_text(json.dumps(cache_key(cfg, scheme, shards, target), indent=1))
+    tmp.replace(path)
+    log(f"compiled in {time.time() - t0:.1f} s")
+    return path

@@ -193,13 +193,18 @@ def nbytes(shape: tuple[int, int], name: str) -> int:
 # by notebook 02 to show that the compiled kernel agrees bit for bit with NumPy.
 # ---------------------------------------------------------------------------------------
 
-def te_dequantize(q_weight, q_scale, name: str, out_dtype: str = "float32"):
-    """A TE compute that dequantizes ``q_weight`` (N, K/8) with ``q_scale`` to (N, K)."""
-    from tvm import te, tirx
+def te_weight_element(name: str, q_weight, q_scale=None):
+    """The dequantized weight as a TE element function ``f(row, col) -> float32``.
+
+    Writing the dequantize as an element function lets every consumer put it *inside* its
+    own loop: the matmul's reduction (so no float copy of the weight is ever materialised),
+    the embedding's gather, or a plain elementwise dequantize.
+    """
+    from tvm import tirx
 
     scheme = get_scheme(name)
-    n, kw = q_weight.shape
-    k = kw * ELEMS_PER_WORD
+    if not scheme.quantized:
+        return lambda i, j: q_weight[i, j].astype("float32")
     gs = scheme.group_size
 
     def nibble(i, j):
@@ -208,15 +213,52 @@ def te_dequantize(q_weight, q_scale, name: str, out_dtype: str = "float32"):
         return ((word >> shift) & tirx.const(0xF, "uint32")).astype("float32")
 
     if scheme.symmetric:
-        def f(i, j):
-            return ((nibble(i, j) - tirx.const(7, "float32"))
-                    * q_scale[i, j // gs].astype("float32")).astype(out_dtype)
-    else:
-        def f(i, j):
-            return (nibble(i, j) * q_scale[i, j // gs, 0].astype("float32")
-                    + q_scale[i, j // gs, 1].astype("float32")).astype(out_dtype)
+        return lambda i, j: ((nibble(i, j) - tirx.const(7, "float32"))
+                             * q_scale[i, j // gs].astype("float32"))
+    return lambda i, j: (nibble(i, j) * q_scale[i, j // gs, 0].astype("float32")
+                         + q_scale[i, j // gs, 1].astype("float32"))
 
-    return te.compute((n, k), f, name="dequantize")
+
+def te_dequantize(q_weight, q_scale, name: str, out_dtype: str = "float32"):
+    """A TE compute that dequantizes ``q_weight`` (N, K/8) with ``q_scale`` to (N, K)."""
+    from tvm import te
+
+    n, kw = q_weight.shape
+    elem = te_weight_element(name, q_weight, q_scale)
+    return te.compute((n, kw * ELEMS_PER_WORD), lambda i, j: elem(i, j).astype(out_dtype),
+                      name="dequantize")
+
+
+def te_linear(x, weights, name: str, out_dtype: str):
+    """``y = x @ W.T`` with W stored in scheme ``name``: one TE op, dequantize inside the sum.
+
+    x is (b, s, K) in the activation dtype; ``weights`` are the scheme's stored arrays
+    (``(weight,)`` for q0, ``(q_weight, q_scale)`` for q4). Accumulates in float32. Because
+    the dequantize sits inside the reduction, TVM's fusion and dlight's GEMV rule see one
+    kernel that reads 4-bit words, never a float copy of W.
+    """
+    from tvm import te
+
+    elem = te_weight_element(name, *weights)
+    b, s, k_dim = x.shape
+    n = weights[0].shape[0]
+    k = te.reduce_axis((0, k_dim), name="k")
+    acc = te.compute((b, s, n), lambda i, t, j: te.sum(x[i, t, k].astype("float32") * elem(j, k), axis=k),
+                     name="matmul")
+    if out_dtype == "float32":
+        return acc
+    return te.compute((b, s, n), lambda i, t, j: acc[i, t, j].astype(out_dtype), name="cast")
+
+
+def te_embedding(ids, weights, name: str, out_dtype: str):
+    """Gather rows ``ids`` (b, s) of an embedding stored in scheme ``name``, dequantized."""
+    from tvm import te
+
+    elem = te_weight_element(name, *weights)
+    b, s = ids.shape
+    n, kw = weights[0].shape
+    h = kw if not get_scheme(name).quantized else kw * ELEMS_PER_WORD
+    return te.compute((b, s, h), lambda i, t, j: elem(ids[i, t], j).astype(out_dtype), name="embedding")
 
 
 def build_dequantize_cpu(shape: tuple[int, int], name: str):
