@@ -81,7 +81,9 @@ def pipeline_stages(target) -> list[tuple[str, list]]:
         rules = [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
                  dl.gpu.Fallback()]
     else:
-        rules = []
+        from .schedules import CpuGEMV
+
+        rules = [CpuGEMV()]
     schedule = [dl.ApplyDefaultSchedule(*rules)] if rules else []
     lower = [relax.transform.RewriteDataflowReshape(), relax.transform.ToNonDataflow(),
              relax.transform.RemovePurityChecking(), relax.transform.CallTIRRewrite(),
@@ -138,7 +140,7 @@ def _source_digest() -> str:
     """Hash of the modules whose code ends up in a compiled library."""
     here = Path(__file__).parent
     h = hashlib.sha256()
-    for name in ("model.py", "quantization.py", "compile.py", "sharding.py"):
+    for name in ("model.py", "quantization.py", "compile.py", "sharding.py", "schedules.py"):
         h.update((here / name).read_bytes())
     return h.hexdigest()[:16]
 

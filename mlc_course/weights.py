@@ -227,3 +227,82 @@ def synthetic_params(config, seed: int = 0, scale: float = 0.02) -> dict[str, np
         else:
             params[name] = (scale * rng.standard_normal(shape)).astype(np.float32)
     return params
+
+
+# ------------------------------------------------------------------------ model sources
+
+class ModelSource:
+    """Where a model comes from: its config, a way to load its float32 weights, its tokenizer.
+
+    ``name`` is a preset of the course (``smollm2-135m``: the course GGUF; ``tiny``:
+    synthetic weights, no tokenizer), a local Hugging Face folder, or a Hugging Face repo id.
+    """
+
+    def __init__(self, config, load, tokenizer_factory, ident: str):
+        self.config, self._load, self._tok, self.ident = config, load, tokenizer_factory, ident
+
+    def load_params(self) -> dict[str, np.ndarray]:
+        return self._load()
+
+    def tokenizer(self):
+        return self._tok() if self._tok else None
+
+
+def _file_ident(path: Path) -> str:
+    st = path.stat()
+    return f"{path.resolve()}:{st.st_size}:{int(st.st_mtime)}"
+
+
+def resolve_model(name: str) -> ModelSource:
+    """Find a model by preset name, local folder or Hugging Face repo id."""
+    from .config import PRESETS, config_from_gguf_metadata, config_from_hf
+    from .tokenizer import Tokenizer
+
+    if name == "smollm2-135m":
+        path = course_model_path()
+        meta = gguf_metadata(path)
+        cfg = config_from_gguf_metadata(meta, name, tie_embeddings=True)
+        return ModelSource(cfg, lambda: load_gguf(path)[0],
+                           lambda: Tokenizer.from_gguf_metadata(meta, source=str(path)), _file_ident(path))
+    if name == "tiny":
+        cfg = PRESETS["tiny"]
+        return ModelSource(cfg, lambda: synthetic_params(cfg, seed=0, scale=0.1), None, "tiny-synthetic-seed0")
+    if name in PRESETS:
+        raise ValueError(f"preset {name!r} has shapes only, no weights in this course (no model hub "
+                         "here); it is used by benchmarks with synthetic weights. For text, use "
+                         "smollm2-135m or a local Hugging Face folder.")
+    folder = Path(name).expanduser()
+    if name.endswith(".gguf") and folder.exists():
+        meta = gguf_metadata(folder)
+        names = {t.name for t in _open_gguf(folder).tensors}
+        cfg = config_from_gguf_metadata(meta, folder.stem, tie_embeddings="output.weight" not in names)
+        return ModelSource(cfg, lambda: load_gguf(folder)[0],
+                           lambda: Tokenizer.from_gguf_metadata(meta, source=str(folder)), _file_ident(folder))
+    if not folder.is_dir():
+        if "/" not in name or name.startswith((".", "/", "~")):
+            raise ValueError(f"unknown model {name!r}: not a preset ({', '.join(PRESETS)}), "
+                             "not a local folder, not a Hugging Face repo id (owner/name)")
+        folder = _snapshot(name)
+    cfg = config_from_hf(folder, name=folder.name)
+    ident = ";".join(_file_ident(f) for f in sorted(folder.glob("*.safetensors")))
+    return ModelSource(cfg, lambda: _hf_params(folder, cfg), lambda: Tokenizer.from_hf_folder(folder), ident)
+
+
+def _hf_params(folder: Path, cfg) -> dict[str, np.ndarray]:
+    params = load_safetensors_folder(folder)
+    if cfg.tie_embeddings:
+        params.pop("lm_head.weight", None)
+    return params
+
+
+def _snapshot(repo_id: str) -> Path:
+    """Download (or find in the HF cache) a repo's config, tokenizer and safetensors."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.jinja"]))
+    except Exception as e:
+        raise ValueError(
+            f"cannot fetch {repo_id!r} from the Hugging Face hub ({type(e).__name__}). Offline? "
+            f"Download it elsewhere (huggingface-cli download {repo_id}) and pass the folder "
+            "holding config.json, *.safetensors and tokenizer.json as --model PATH") from None

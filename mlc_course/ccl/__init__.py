@@ -1,0 +1,396 @@
+"""Collective communication libraries (CCLs) for TVM's disco runtime, built on demand.
+
+Disco runs one program on N workers. When that program calls a collective, e.g. the builtin
+``runtime.disco.allreduce`` that relax's ``ccl.allreduce`` lowers to, the builtin looks up the
+global function ``runtime.disco.<ccl>.allreduce``, where ``<ccl>`` is the name the worker was
+initialised with. A CCL is therefore just a set of global functions with those names:
+``init_ccl`` (run by the controller), ``init_ccl_per_worker``, ``allreduce``, ``allgather``,
+``broadcast_from_worker0``, ``scatter_from_worker0``, ``gather_to_worker0``,
+``recv_from_worker0``, ``send_to_worker``, ``recv_from_worker``, ``send_to_next_group``,
+``recv_from_prev_group`` and ``sync_worker``.
+
+The wheel of apache-tvm ships NCCL/RCCL CCLs for GPUs only. This package builds a CPU one,
+``cpu_shm`` (``cpu_shm.cc``): the workers exchange data through one POSIX shared-memory segment
+and synchronise with futex barriers, so it serves both a :class:`ThreadedSession` (workers are
+threads) and a :class:`ProcessSession` (worker 0 is a thread of the controller, the others are
+processes). An NCCL plugin can later sit next to it (``nccl.cc``, built the same way).
+
+Typical use::
+
+    from mlc_course.ccl import disco_session, init_cpu_ccl
+    ds = disco_session()                      # tvm.runtime.disco.session, FFI fixed up
+    sess = ds.ProcessSession(2)
+    init_cpu_ccl(sess)                        # build (cached), load everywhere, init "cpu_shm"
+    # ... now runtime.disco.allreduce & co. work on CPU tensors of the workers
+
+How the pieces fit:
+
+* :func:`build_cpu_ccl` compiles ``cpu_shm.cc`` with g++ against the headers of the installed
+  wheels (``tvm/include``, ``tvm_ffi/include``, plus ``shim/`` for two headers the wheel lacks)
+  into ``<cache>/ccl/<hash>/libmlc_ccl_cpu.so``. The hash covers the sources, the TVM and
+  tvm-ffi versions, the compiler and the flags, so a change rebuilds and nothing else does.
+* :func:`init_cpu_ccl` loads the library into the controller (for ``init_ccl``) and into every
+  worker through disco itself (``runtime.disco.load_vm_module``, which dlopens a shared
+  library and keeps it loaded; the library's static initialiser registers the functions), then
+  calls ``runtime.disco.SessionInitCCL(session, "cpu_shm", ShapeTuple(device_ids))``, the FFI
+  function behind ``Session.init_ccl`` (whose Python wrapper only accepts nccl/rccl).
+
+Numerics: sums are taken in a fixed order (worker 0, 1, ..., N-1) by one worker per element, so
+every worker receives bitwise the same result. float16 and bfloat16 are accumulated in float32
+and rounded once to the storage type (round to nearest even); the result can therefore differ
+from a float16 sum rounded at every step (it is the more accurate one).
+
+Failure: a collective never waits forever. A waiting worker notices within ~50 ms when a peer
+*process* has died, and gives up after ``timeout_s`` when a peer is alive but does not arrive
+(hung, or called another collective). It then marks the communicator aborted (the other workers
+fail fast too) and throws a TVM error naming the worker, the op and the reason. In TVM 0.27 the
+disco worker loop does not catch errors, so an error in a worker *thread* (all workers of a
+ThreadedSession, worker 0 of a ProcessSession) aborts the whole process after printing the
+message, and a worker process exits with a traceback; a ProcessSession whose worker died cannot
+be shut down cleanly either (TVM aborts in its destructor when a pipe is broken). The CCL's
+job is to turn a silent hang into a quick, explained failure; it cannot make TVM recover.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = [
+    "CCL_NAME", "LIB_NAME", "CCLBuildError", "CpuCCL",
+    "disco_session", "cache_dir", "build_cpu_ccl", "load_cpu_ccl", "init_cpu_ccl",
+    "benchmark_allreduce", "REDUCE_KINDS",
+]
+
+#: Name under which the CPU CCL registers (``runtime.disco.cpu_shm.*``).
+CCL_NAME = "cpu_shm"
+#: File name of the built library.
+LIB_NAME = "libmlc_ccl_cpu.so"
+#: ``ReduceKind`` codes that ``runtime.disco.allreduce`` expects, wrapped in a 1-element Shape.
+REDUCE_KINDS = {"sum": 0, "prod": 1, "min": 2, "max": 3, "avg": 4}
+
+_HERE = Path(__file__).resolve().parent
+_CPU_SOURCES = ("cpu_shm.cc", "shim/tvm/support/io.h", "shim/tvm/support/serializer.h")
+_CXXFLAGS = ("-std=c++17", "-O3", "-fPIC", "-shared", "-fvisibility=hidden", "-Wall")
+
+# Defaults of the knobs; environment variables override them, arguments override both.
+_DEFAULTS = {
+    "timeout_s": ("MLC_CCL_TIMEOUT_S", 10.0),
+    "slot_bytes": ("MLC_CCL_SLOT_BYTES", 1 << 20),
+    "p2p_bytes": ("MLC_CCL_P2P_BYTES", 256 << 10),
+    "spin_us": ("MLC_CCL_SPIN_US", 20),
+}
+
+_LOADED: dict[str, object] = {}  # the library loaded here -> its module; never unloaded
+
+
+class CCLBuildError(RuntimeError):
+    """The CCL library could not be compiled (no compiler, or the compiler failed)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# TVM plumbing
+# ---------------------------------------------------------------------------------------------
+
+def disco_session():
+    """Return the module ``tvm.runtime.disco.session``, usable.
+
+    In apache-tvm 0.27 ``import tvm`` imports ``tvm.runtime.disco`` before it loads
+    ``libtvm_runtime_extra`` (where the disco C++ code lives): ``tvm.runtime.disco`` ends up
+    None and ``tvm.runtime.disco._ffi_api`` half-initialised (no ``SessionThreaded`` ...).
+    This re-binds the FFI functions and imports the session module.
+    """
+    import tvm  # noqa: F401  (loads libtvm_runtime_extra)
+    import tvm_ffi
+
+    api = sys.modules.get("tvm.runtime.disco._ffi_api")
+    if api is not None and not hasattr(api, "SessionThreaded"):
+        tvm_ffi.init_ffi_api("runtime.disco", api.__name__)
+    import tvm.runtime.disco.session as session_mod
+
+    return session_mod
+
+
+def _ffi_api():
+    disco_session()
+    return sys.modules["tvm.runtime.disco._ffi_api"]
+
+
+def _toolchain() -> dict:
+    """Include and library directories of the installed tvm and tvm-ffi wheels."""
+    import tvm
+    import tvm.libinfo
+    import tvm_ffi
+    import tvm_ffi.libinfo
+
+    tvm_lib = Path(tvm.libinfo.find_libtvm_runtime()).resolve().parent
+    ffi_lib = Path(tvm_ffi.libinfo.find_libtvm_ffi()).resolve().parent
+    return {
+        "tvm_version": tvm.__version__,
+        "ffi_version": getattr(tvm_ffi, "__version__", "?"),
+        "includes": [
+            str(_HERE / "shim"),  # first: supplies tvm/support/{io,serializer}.h
+            str(Path(tvm.libinfo.find_include_path()).resolve()),
+            *dict.fromkeys([  # (the same folder in current wheels)
+                str(Path(tvm_ffi.libinfo.find_include_path()).resolve()),
+                str(Path(tvm_ffi.libinfo.find_dlpack_include_path()).resolve()),
+            ]),
+        ],
+        "libdirs": [str(tvm_lib), str(ffi_lib)],
+        "libs": ["tvm_runtime_extra", "tvm_runtime", "tvm_ffi"],
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Building
+# ---------------------------------------------------------------------------------------------
+
+def cache_dir() -> Path:
+    """``$MLC_COURSE_CACHE/ccl`` if that variable is set, else ``~/.cache/mlc_course/ccl``."""
+    root = os.environ.get("MLC_COURSE_CACHE")
+    base = Path(root) if root else Path.home() / ".cache" / "mlc_course"
+    return base / "ccl"
+
+
+def _compiler() -> str:
+    cxx = os.environ.get("CXX", "g++")
+    path = shutil.which(cxx)
+    if path is None:
+        raise CCLBuildError(
+            f"cannot build the {CCL_NAME} CCL: C++ compiler {cxx!r} not found on PATH. "
+            "Install g++ (Debian/Ubuntu: `apt-get install g++`; conda: `conda install gxx`) "
+            "or point $CXX at a C++17 compiler."
+        )
+    return path
+
+
+def _compiler_id(cxx: str) -> str:
+    try:
+        out = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30)
+        return out.stdout.splitlines()[0] if out.stdout else cxx
+    except (OSError, subprocess.SubprocessError):
+        return cxx
+
+
+def _summarize_stderr(stderr: str, max_lines: int = 25) -> str:
+    """The first compiler errors (with a little context), not the whole wall of text."""
+    lines = stderr.splitlines()
+    picked: list[str] = []
+    for i, line in enumerate(lines):
+        if re.search(r"\berror\b|fatal error|undefined reference|cannot find", line):
+            picked.extend(lines[max(0, i - 1): i + 3])
+        if len(picked) >= max_lines:
+            break
+    if not picked:
+        picked = lines[-max_lines:]
+    out = []
+    for line in picked:  # drop adjacent duplicates from overlapping windows
+        if not out or out[-1] != line:
+            out.append(line)
+    return "\n".join(out[:max_lines])
+
+
+def _build_command(cxx: str, tc: dict, src: Path, out: Path) -> list[str]:
+    cmd = [cxx, *_CXXFLAGS, f"-DMLC_CCL_NAME=\"{CCL_NAME}\""]
+    cmd += [f"-I{tc['includes'][0]}"]
+    for inc in tc["includes"][1:]:
+        cmd += ["-isystem", inc]  # keep TVM's own header warnings quiet
+    cmd += [str(src), "-o", str(out)]
+    for d in tc["libdirs"]:
+        cmd += [f"-L{d}", f"-Wl,-rpath,{d}"]
+    cmd += [f"-l{lib}" for lib in tc["libs"]]
+    cmd += ["-Wl,-z,defs", "-lrt", "-lpthread"]
+    return cmd
+
+
+def _build_key(cxx: str, tc: dict) -> str:
+    h = hashlib.sha256()
+    for rel in _CPU_SOURCES:
+        h.update(rel.encode() + b"\0" + (_HERE / rel).read_bytes() + b"\0")
+    for part in (tc["tvm_version"], tc["ffi_version"], _compiler_id(cxx), " ".join(_CXXFLAGS),
+                 CCL_NAME, *tc["includes"][1:], *tc["libdirs"], sys.platform, os.uname().machine):
+        h.update(str(part).encode() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def build_cpu_ccl(verbose: bool = False, force: bool = False) -> Path:
+    """Compile the CPU CCL if it is not in the cache yet; return the path of the library.
+
+    Concurrent callers (several processes, pytest-xdist) are serialised with a file lock, and
+    the library is written under a temporary name and renamed, so nobody loads half a file.
+    Raises :class:`CCLBuildError` when there is no compiler or the compilation fails; the
+    message holds the command and the first compiler errors.
+    """
+    cxx = _compiler()
+    tc = _toolchain()
+    out_dir = cache_dir() / _build_key(cxx, tc)
+    out = out_dir / LIB_NAME
+    if out.exists() and not force:
+        return out
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if out.exists() and not force:
+                return out
+            fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=out_dir)
+            os.close(fd)
+            cmd = _build_command(cxx, tc, _HERE / "cpu_shm.cc", Path(tmp))
+            if verbose:
+                print("[mlc_course.ccl] building:", " ".join(cmd), file=sys.stderr)
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                Path(tmp).unlink(missing_ok=True)
+                raise CCLBuildError(
+                    f"building the {CCL_NAME} CCL failed (exit {proc.returncode}).\n"
+                    f"command: {' '.join(cmd)}\n"
+                    f"compiler errors (summary):\n{_summarize_stderr(proc.stderr)}"
+                )
+            if verbose and proc.stderr.strip():
+                print(proc.stderr, file=sys.stderr)
+            os.replace(tmp, out)
+            (out_dir / "build.txt").write_text(" ".join(cmd) + "\n")
+            if verbose:
+                print(f"[mlc_course.ccl] built {out} in {time.perf_counter() - t0:.1f} s",
+                      file=sys.stderr)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and initialising
+# ---------------------------------------------------------------------------------------------
+
+def load_cpu_ccl(verbose: bool = False) -> Path:
+    """Build (if needed) and load the CPU CCL into *this* process; return its path.
+
+    Loading registers ``runtime.disco.cpu_shm.*`` here. That is all a ThreadedSession needs;
+    worker processes load it through :func:`init_cpu_ccl`. A process can hold only one build
+    (a second one would register the same global names, which TVM refuses by aborting): if
+    the sources changed after a build was loaded, the loaded one keeps being used, with a
+    warning; restart the process (kernel) to pick up the new one.
+    """
+    path = build_cpu_ccl(verbose=verbose)
+    if _LOADED:
+        loaded = Path(next(iter(_LOADED)))
+        if loaded != path:
+            warnings.warn(f"{CCL_NAME}: the sources changed since {loaded} was loaded into this "
+                          f"process; still using it (restart the process to use {path})",
+                          stacklevel=2)
+        return loaded
+    import tvm
+
+    _LOADED[str(path)] = tvm.runtime.load_module(str(path))
+    return path
+
+
+def _knob(name: str, value):
+    """Argument if given, else the environment variable, else the default."""
+    env, default = _DEFAULTS[name]
+    if value is None:
+        raw = os.environ.get(env, "").strip()
+        value = float(raw) if raw else default
+    return value
+
+
+@dataclass(frozen=True)
+class CpuCCL:
+    """What :func:`init_cpu_ccl` set up (for logs and notebooks)."""
+
+    name: str            # CCL name the workers now use ("cpu_shm")
+    library: Path        # the shared library loaded in every worker
+    num_workers: int
+    segment: str         # name the shared-memory segment had (already unlinked)
+    timeout_s: float
+    slot_bytes: int      # bytes per worker per buffer: larger tensors go in chunks of this
+
+
+def init_cpu_ccl(session, num_workers: int | None = None, *, timeout_s: float | None = None,
+                 slot_bytes: int | None = None, p2p_bytes: int | None = None,
+                 spin_us: int | None = None, verbose: bool = False) -> CpuCCL:
+    """Load the CPU CCL into every worker of ``session`` and make it the session's CCL.
+
+    Parameters
+    ----------
+    session : tvm.runtime.disco.Session
+        A ThreadedSession or ProcessSession (all workers on this machine).
+    num_workers : int, optional
+        Checked against ``session.num_workers`` when given.
+    timeout_s : float
+        How long a worker waits for its peers inside one collective before it fails
+        (default 10 s, or $MLC_CCL_TIMEOUT_S). A dead peer process is noticed in ~50 ms anyway.
+    slot_bytes : int
+        Shared-memory bytes per worker and buffer (default 1 MiB, $MLC_CCL_SLOT_BYTES);
+        the segment holds 2 * num_workers slots, plus as much again per worker group.
+    p2p_bytes : int
+        Mailbox bytes per ordered worker pair for send/recv (default 256 KiB).
+    spin_us : int
+        How long a waiting worker spins before it sleeps on a futex (default 20 us).
+    """
+    n = int(session.num_workers)
+    if num_workers is not None and int(num_workers) != n:
+        raise ValueError(f"session has {n} workers, not {num_workers}")
+    import tvm
+    from tvm_ffi import Shape
+
+    path = load_cpu_ccl(verbose=verbose)  # controller: init_ccl runs here
+    # Every worker (threads share the controller's registry, processes need their own copy)
+    # dlopens the library; load_vm_module caches it for the life of the process.
+    session.get_global_func("runtime.disco.load_vm_module")(str(path), tvm.cpu(0))
+    timeout = float(_knob("timeout_s", timeout_s))
+    slot = int(_knob("slot_bytes", slot_bytes))
+    p2p = int(_knob("p2p_bytes", p2p_bytes))
+    spin = int(_knob("spin_us", spin_us))
+    if timeout <= 0 or slot <= 0 or p2p <= 0 or spin < 0:
+        raise ValueError("timeout_s, slot_bytes and p2p_bytes must be > 0, spin_us >= 0")
+    tvm.get_global_func(f"runtime.disco.{CCL_NAME}.configure")(
+        max(1, int(timeout * 1000)), slot, p2p, spin)
+    _ffi_api().SessionInitCCL(session, CCL_NAME, Shape([0] * n))
+    segment = str(tvm.get_global_func(f"runtime.disco.{CCL_NAME}.last_segment")())
+    slot_rounded = max(4096, (slot + 63) // 64 * 64)
+    return CpuCCL(CCL_NAME, path, n, segment, timeout, slot_rounded)
+
+
+def benchmark_allreduce(session, nbytes: int, dtype: str = "float32", iters: int = 100,
+                        warmup: int = 5) -> dict:
+    """Time a sum all-reduce of ``nbytes`` on an initialised session.
+
+    Returns ``{"end_to_end_us": ..., "in_worker_us": ...}``: the first drives each
+    all-reduce from the controller through ``runtime.disco.allreduce`` (what a compiled model
+    pays, dispatch included, one sync at the end); the second loops inside the workers
+    (``debug_bench_allreduce``), i.e. the CCL alone.
+    """
+    import numpy as np
+    from tvm_ffi import Shape
+
+    itemsize = np.dtype(dtype).itemsize
+    n = max(1, nbytes // itemsize)
+    buf = session.empty((n,), dtype)
+    zeros = np.zeros(n, dtype=dtype)  # zeros stay zeros: no inf/denormal slow paths
+    for w in range(session.num_workers):
+        buf.debug_copy_from(w, zeros)
+    allreduce = session.get_global_func("runtime.disco.allreduce")
+    kind = Shape([REDUCE_KINDS["sum"]])
+    for _ in range(warmup):
+        allreduce(buf, kind, False, buf)
+    session._sync_worker(0)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        allreduce(buf, kind, False, buf)
+    session._sync_worker(0)
+    end_to_end = (time.perf_counter() - t0) / iters
+    bench = session.get_global_func(f"runtime.disco.{CCL_NAME}.debug_bench_allreduce")
+    in_worker = float(bench(buf, iters).debug_get_from_remote(0))
+    return {"end_to_end_us": end_to_end * 1e6, "in_worker_us": in_worker * 1e6}

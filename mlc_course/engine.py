@@ -1,0 +1,348 @@
+"""The engine: weights on the workers, prefill and decode with a KV cache, sampling, streaming.
+
+``Engine(model, quantization, shards, device)`` compiles (or reuses) the model library,
+converts and shards the weights once (cached on disk, like MLC's preshard), and runs:
+
+* ``shards == 1``: a Relax VM in this process;
+* ``shards > 1``: a disco session of N workers, each holding its own shard and KV cache,
+  the all-reduces going through the collective library (the course's shared-memory CCL on
+  CPU workers, NCCL on GPUs). Input ids go to worker 0, the model broadcasts them; logits
+  come back from worker 0.
+
+The same ``stream``/``generate`` API serves both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .config import LlamaConfig
+from .quantization import get_scheme
+
+
+class EngineError(RuntimeError):
+    """A clear, user-facing failure of the engine (bad input, dead worker, no GPU...)."""
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def default_quantization(device: str) -> str:
+    """q4f32_1 on CPU (f16 math is slow on CPUs), q4f16_1 on GPUs."""
+    return "q4f32_1" if device == "cpu" else "q4f16_1"
+
+
+# ---------------------------------------------------------------------------- sampling
+
+
+def sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
+    """Greedy when ``temperature == 0``; else softmax(logits / T) restricted to the smallest
+    set of tokens whose probability reaches ``top_p``, sampled with ``rng``."""
+    logits = np.asarray(logits, dtype=np.float64).reshape(-1)
+    if temperature <= 0:
+        return int(np.argmax(logits))
+    z = logits / temperature
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    if top_p < 1.0:
+        order = np.argsort(-p, kind="stable")
+        keep = np.cumsum(p[order]) - p[order] < top_p  # always keeps the first
+        mask = np.zeros_like(p, dtype=bool)
+        mask[order[keep]] = True
+        p = np.where(mask, p, 0.0)
+        p /= p.sum()
+    return int(rng.choice(len(p), p=p))
+
+
+# ---------------------------------------------------------------------- weights on disk
+
+
+def _weights_digest() -> str:
+    here = Path(__file__).parent
+    h = hashlib.sha256()
+    for name in ("model.py", "quantization.py", "sharding.py", "weights.py"):
+        h.update((here / name).read_bytes())
+    return h.hexdigest()[:12]
+
+
+def presharded_params(source, scheme: str, shards: int, log=_log) -> Path:
+    """Convert, quantize and shard the weights once; return the folder of worker files.
+
+    Folder layout: ``worker{r}.npz`` with the model's parameter names. Rebuilt when the
+    source weights or the code that converts them change.
+    """
+    from .model import convert_params
+    from .sharding import shard_params
+    from .weights import cache_dir
+
+    key = json.dumps([source.ident, scheme, shards, _weights_digest()])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    folder = cache_dir() / "params" / f"{source.config.name}-{scheme}-tp{shards}-{digest}"
+    files = [folder / f"worker{r}.npz" for r in range(shards)]
+    if all(f.exists() for f in files):
+        return folder
+    t0 = time.time()
+    log(f"converting weights of {source.config.name} to {scheme}, {shards} shard(s) ...")
+    params = convert_params(source.load_params(), source.config, scheme)
+    parts = shard_params(params, source.config, shards, scheme)
+    folder.mkdir(parents=True, exist_ok=True)
+    for r, part in enumerate(parts):
+        tmp = folder / f"worker{r}.tmp.npz"
+        np.savez(tmp, **part)
+        tmp.replace(files[r])
+    log(f"weights ready in {time.time() - t0:.1f} s ({folder})")
+    return folder
+
+
+def load_worker_params(folder: str | Path, rank: int, names: list[str]) -> list[np.ndarray]:
+    with np.load(Path(folder) / f"worker{rank}.npz") as z:
+        return [z[n] for n in names]
+
+
+# ------------------------------------------------------------------------------ runners
+
+
+class LocalRunner:
+    """One worker: a Relax VM in this process."""
+
+    def __init__(self, lib_path: Path, params_dir: Path, names: list[str], device: str):
+        import tvm
+        from tvm import relax
+
+        self.tvm = tvm
+        self.dev = tvm.cpu() if device == "cpu" else tvm.cuda(0)
+        self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(lib_path)), self.dev)
+        self.params = [tvm.runtime.tensor(a, self.dev) for a in load_worker_params(params_dir, 0, names)]
+        self.effects = None
+
+    def reset(self) -> None:
+        self.effects = self.vm["_initialize_effect"]()
+
+    def step(self, fn: str, ids: np.ndarray, total: int) -> np.ndarray:
+        tvm = self.tvm
+        out = self.vm[fn](tvm.runtime.tensor(ids, self.dev), tvm.runtime.ShapeTuple([total]),
+                          self.effects, self.params)
+        self.effects = out[1]
+        return out[0].numpy().reshape(-1)
+
+    def close(self) -> None:
+        self.vm = self.params = self.effects = None
+
+
+class DiscoRunner:
+    """N workers in a disco session; all-reduces through the collective library."""
+
+    def __init__(self, lib_path: Path, params_dir: Path, names: list[str], device: str, shards: int,
+                 session: str = "process"):
+        from . import disco_worker  # registers the worker-side loader (thread sessions)
+        from .ccl import init_ccl
+
+        import tvm
+        from tvm.runtime.disco import session as ds
+
+        self.tvm, self.n = tvm, shards
+        try:
+            if session == "thread":
+                self.sess = ds.ThreadedSession(num_workers=shards)
+            else:
+                self.sess = ds.ProcessSession(num_workers=shards, entrypoint="mlc_course.disco_worker")
+            init_ccl(self.sess, shards, device)
+            self.mod = self.sess.load_vm_module(str(lib_path))
+            loader = self.sess.get_global_func("mlc_course.load_worker_params")
+            self.params = loader(str(params_dir), json.dumps(names), device)
+            self._getitem = self.sess.get_global_func("ffi.ArrayGetItem")
+            self.sess._sync_all()
+        except Exception as e:
+            self.close()
+            raise EngineError(f"starting {shards} disco workers failed: {_first_line(e)}") from None
+        self.effects = None
+        del disco_worker
+
+    def reset(self) -> None:
+        self.effects = self.mod["_initialize_effect"]()
+
+    def step(self, fn: str, ids: np.ndarray, total: int) -> np.ndarray:
+        tvm = self.tvm
+        try:
+            dids = self.sess.empty(ids.shape, "int32")
+            dids.debug_copy_from(0, ids)
+            out = self.mod[fn](dids, tvm.runtime.ShapeTuple([total]), self.effects, self.params)
+            self.effects = self._getitem(out, 1)
+            logits = self._getitem(out, 0).debug_get_from_remote(0)
+            return logits.numpy().reshape(-1)
+        except Exception as e:
+            self.close()
+            raise EngineError(f"a disco worker failed during {fn}: {_first_line(e)}; the session "
+                              "was shut down") from None
+
+    def close(self) -> None:
+        sess = getattr(self, "sess", None)
+        self.sess = None
+        if sess is not None:
+            try:
+                sess.shutdown()
+            except Exception:
+                pass
+
+
+def _first_line(e: Exception) -> str:
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    msg = lines[-1] if lines else type(e).__name__
+    return msg[:300]
+
+
+# ------------------------------------------------------------------------------- engine
+
+
+@dataclass
+class GenerationResult:
+    prompt_ids: list[int]
+    output_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+
+    @property
+    def prefill_tok_per_s(self) -> float:
+        return len(self.prompt_ids) / self.prefill_s if self.prefill_s else 0.0
+
+    @property
+    def decode_tok_per_s(self) -> float:
+        n = max(len(self.output_ids) - 1, 0)  # the first token comes from prefill
+        return n / self.decode_s if self.decode_s else 0.0
+
+
+class Engine:
+    """Load a model once, then generate from it (greedy or sampled), streaming tokens."""
+
+    def __init__(self, model: str = "smollm2-135m", quantization: str | None = None, shards: int = 1,
+                 device: str = "cpu", session: str = "process", quiet: bool = False):
+        from .compile import build_model
+        from .model import export
+        from .sharding import validate_shards
+        from .weights import resolve_model
+
+        self.log = (lambda m: None) if quiet else _log
+        self.device = device
+        self.scheme = quantization or default_quantization(device)
+        get_scheme(self.scheme)
+        self.shards = shards
+        _check_device(device, shards)
+        self.source = resolve_model(model)
+        self.config: LlamaConfig = self.source.config
+        self.model_name = model
+        validate_shards(self.config, shards, self.scheme)
+        self.tokenizer = self.source.tokenizer()
+        lib = build_model(self.config, self.scheme, shards, device, quiet=quiet)
+        params_dir = presharded_params(self.source, self.scheme, shards, self.log)
+        names = [n for n, _ in export(self.config, self.scheme, shards)[1]]
+        if shards == 1:
+            self.runner = LocalRunner(lib, params_dir, names, device)
+        else:
+            self.runner = DiscoRunner(lib, params_dir, names, device, shards, session)
+        self.seq_len = 0
+
+    # -- low level ------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget the conversation: a fresh KV cache."""
+        self.runner.reset()
+        self.seq_len = 0
+
+    def prefill(self, ids: list[int]) -> np.ndarray:
+        """Append ``ids`` to the cache; logits of the last one."""
+        ids = [int(i) for i in ids]
+        if not ids:
+            raise EngineError("empty prompt: give at least one token")
+        self._check_room(len(ids))
+        self.seq_len += len(ids)
+        return self.runner.step("prefill", np.asarray([ids], dtype=np.int32), self.seq_len)
+
+    def decode(self, token: int) -> np.ndarray:
+        self._check_room(1)
+        self.seq_len += 1
+        return self.runner.step("decode", np.asarray([[int(token)]], dtype=np.int32), self.seq_len)
+
+    def _check_room(self, n: int) -> None:
+        limit = self.config.context_length
+        if self.seq_len + n > limit:
+            raise EngineError(f"{self.seq_len + n} tokens exceed the context window of "
+                              f"{self.config.name} ({limit} tokens); shorten the prompt or /reset")
+
+    # -- generation -----------------------------------------------------------------
+    def stream(self, prompt_ids: list[int], max_new_tokens: int = 32, temperature: float = 0.0,
+               top_p: float = 1.0, seed: int = 0, stop_ids: tuple[int, ...] | None = None,
+               keep_cache: bool = False, result: GenerationResult | None = None) -> Iterator[int]:
+        """Yield generated ids one by one; stops after a stop id (included) or at the limit."""
+        if max_new_tokens < 1:
+            raise EngineError("max_new_tokens must be at least 1")
+        if len(prompt_ids) + (self.seq_len if keep_cache else 0) >= self.config.context_length:
+            raise EngineError(f"the prompt has {len(prompt_ids)} tokens, the context window of "
+                              f"{self.config.name} is {self.config.context_length}")
+        if stop_ids is None:
+            eos = getattr(self.tokenizer, "eos_token_id", None)
+            stop_ids = () if eos is None else (eos,)
+        rng = np.random.default_rng(seed)
+        res = result or GenerationResult(list(prompt_ids))
+        if not keep_cache:
+            self.reset()
+        t0 = time.perf_counter()
+        logits = self.prefill(prompt_ids)
+        res.prefill_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        for i in range(max_new_tokens):
+            tok = sample(logits, temperature, top_p, rng)
+            res.output_ids.append(tok)
+            yield tok
+            if tok in stop_ids or i + 1 == max_new_tokens or self.seq_len >= self.config.context_length:
+                break
+            logits = self.decode(tok)
+            res.decode_s = time.perf_counter() - t1
+        # the last yielded token's decode is not timed: decode_s covers len(output)-1 steps
+
+    def generate(self, prompt_ids: list[int], **kw) -> GenerationResult:
+        res = GenerationResult(list(prompt_ids))
+        for _ in self.stream(prompt_ids, result=res, **kw):
+            pass
+        if self.tokenizer is not None:
+            res.text = self.tokenizer.decode(res.output_ids)
+        return res
+
+    def encode_prompt(self, prompt: str, chat: bool = False) -> list[int]:
+        if self.tokenizer is None:
+            raise EngineError(f"{self.model_name} has no tokenizer; pass token ids instead")
+        if chat:
+            return self.tokenizer.encode_chat([{"role": "user", "content": prompt}])
+        return self.tokenizer.encode(prompt)
+
+    def close(self) -> None:
+        self.runner.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _check_device(device: str, shards: int) -> None:
+    if device == "cpu":
+        return
+    if device != "cuda":
+        raise EngineError(f"unknown device {device!r}: use cpu or cuda")
+    from .gpu import cuda_device_count
+
+    n = cuda_device_count()
+    if n == 0:
+        raise EngineError("--device cuda: no CUDA GPU is visible here (no driver or no device); "
+                          "use --device cpu, or run on a GPU machine (see README, 'GPU runs')")
+    if shards > n:
+        raise EngineError(f"--shards {shards} needs {shards} GPUs, this machine has {n}")
