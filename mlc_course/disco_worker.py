@@ -20,7 +20,7 @@ def _load_worker_params(folder: str, names_json: str, device: str):
 
     from .engine import load_worker_params
 
-    rank = int(get_global_func("runtime.disco.worker_id")())
+    rank = int(get_global_func("runtime.disco.worker_id")()[0])  # a Shape([rank])
     dev = tvm.cpu() if device == "cpu" else tvm.cuda(rank)
     arrays = load_worker_params(folder, rank, json.loads(names_json))
     return [tvm.runtime.tensor(a, dev) for a in arrays]

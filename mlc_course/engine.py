@@ -144,10 +144,11 @@ class DiscoRunner:
     def __init__(self, lib_path: Path, params_dir: Path, names: list[str], device: str, shards: int,
                  session: str = "process"):
         from . import disco_worker  # registers the worker-side loader (thread sessions)
-        from .ccl import init_ccl
-
         import tvm
-        from tvm.runtime.disco import session as ds
+
+        from .ccl import disco_session, init_ccl
+
+        ds = disco_session()
 
         self.tvm, self.n = tvm, shards
         try:
@@ -185,13 +186,10 @@ class DiscoRunner:
                               "was shut down") from None
 
     def close(self) -> None:
-        sess = getattr(self, "sess", None)
+        # Drop every reference instead of calling shutdown(): in TVM 0.27 a ProcessSession that
+        # was shut down and is destroyed later aborts the process; destroying it shuts it down.
+        self.mod = self.params = self.effects = self._getitem = None
         self.sess = None
-        if sess is not None:
-            try:
-                sess.shutdown()
-            except Exception:
-                pass
 
 
 def _first_line(e: Exception) -> str:

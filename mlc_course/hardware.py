@@ -26,7 +26,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -212,8 +212,6 @@ def seed_vs_ceiling(seed: list[SeedResult], gpus: dict[str, GPU], configs: dict)
 
 def _openblas_thread_setters() -> tuple[Callable[[int], None], Callable[[], int]] | None:
     """ctypes handles to OpenBLAS's set/get thread count, if NumPy links OpenBLAS."""
-    import numpy  # noqa: F401  (loads the BLAS library)
-
     libs: list[str] = []
     try:
         with open("/proc/self/maps") as f:
@@ -260,18 +258,37 @@ def blas_threads(n: int | None) -> Iterator[bool]:
         setter(before)
 
 
-def _median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+def _median_time(fn: Callable[[], object], repeats: int, warmup: int = 1,
+                 clock: Callable[[], float] = time.perf_counter) -> float:
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
     return float(np.median(times))
 
 
-def measure_cpu_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 7, kind: str = "copy") -> float:
+def _pick_clock(clock: str, single_thread: bool) -> Callable[[], float]:
+    """``"thread"``: CPU time of the calling thread; ``"wall"``: wall clock; ``"auto"``:
+    thread time when the work runs on the calling thread alone, else wall clock.
+
+    Why thread time: on a small machine shared with other jobs, the scheduler takes the core
+    away for whole time slices (milliseconds), which lands in a wall-clock timing at random.
+    A thread's CPU time does not count the time it was descheduled, but it does count the time
+    the core sat waiting for memory, which is what a bandwidth measurement needs. It is only
+    right for work done by the calling thread, hence "auto".
+    """
+    if clock == "wall" or (clock == "auto" and not single_thread):
+        return time.perf_counter
+    if clock in ("thread", "auto"):
+        return time.thread_time
+    raise ValueError(f"clock must be 'auto', 'thread' or 'wall', got {clock!r}")
+
+
+def measure_cpu_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 7, kind: str = "copy",
+                          clock: str = "auto") -> float:
     """Main-memory bandwidth one NumPy call reaches on this CPU, in GB/s (1e9 bytes/s).
 
     ``kind="copy"``: ``np.copyto(dst, src)`` of ``nbytes``, counted as read + write, i.e.
@@ -279,7 +296,8 @@ def measure_cpu_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 7, kind: str
     counted, as in STREAM). ``kind="read"``: ``src.sum()``, counted as ``nbytes`` read.
     Both run on one core. The buffer should be well above the last-level cache (tens of MB)
     or the number measures the cache. Median of ``repeats`` timings after one warm-up, so a
-    neighbour's burst of work moves it less than a mean would.
+    neighbour's burst of work moves it less than a mean would; ``clock`` as in
+    :func:`_pick_clock` (both kinds run on the calling thread, so "auto" is thread time).
     """
     if kind not in ("copy", "read"):
         raise ValueError(f"kind must be 'copy' or 'read', got {kind!r}")
@@ -287,9 +305,9 @@ def measure_cpu_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 7, kind: str
     src = np.ones(n, dtype=np.float32)
     if kind == "copy":
         dst = np.empty_like(src)
-        t = _median_time(lambda: np.copyto(dst, src), repeats)
+        t = _median_time(lambda: np.copyto(dst, src), repeats, clock=_pick_clock(clock, True))
         return 2 * src.nbytes / t / 1e9
-    t = _median_time(src.sum, repeats)
+    t = _median_time(src.sum, repeats, clock=_pick_clock(clock, True))
     return src.nbytes / t / 1e9
 
 
@@ -298,20 +316,41 @@ def gemv_bytes(n: int, k: int, itemsize: int = 4) -> int:
     return (n * k + k + n) * itemsize
 
 
-def time_gemv(n: int, k: int, repeats: int = 7, threads: int | None = 1, seed: int = 0) -> float:
+def time_gemv(n: int, k: int, repeats: int = 7, threads: int | None = 1, seed: int = 0,
+              clock: str = "auto") -> float:
     """Median seconds of one NumPy float32 GEMV ``W @ x`` with W of shape (n, k).
 
     The GEMV is decode's workhorse: 2 n k FLOPs on n k weights, 0.5 FLOP per byte in
     float32, so its time should be bytes / bandwidth. W is filled with a constant (values do
     not change the speed of float32 math) so that building it costs little; x is random.
-    ``threads=1`` (default) pins BLAS to one thread for steady timings on a shared machine
-    (see :func:`blas_threads`); None uses BLAS's own default.
+    ``threads=1`` (default) pins BLAS to one thread (see :func:`blas_threads`); None uses
+    BLAS's own default. ``clock`` as in :func:`_pick_clock`.
     """
-    w = np.full((n, k), 0.5, dtype=np.float32)
-    x = np.random.default_rng(seed).standard_normal(k).astype(np.float32)
-    y = np.empty(n, dtype=np.float32)
-    with blas_threads(threads):
-        return _median_time(lambda: np.matmul(w, x, out=y), repeats)
+    return time_gemvs([n], k, repeats=repeats, threads=threads, seed=seed, clock=clock)[0]
+
+
+def time_gemvs(ns: Sequence[int], k: int, repeats: int = 7, threads: int | None = 1,
+               seed: int = 0, clock: str = "auto") -> list[float]:
+    """Median seconds of GEMVs with W of shapes (n, k) for each n, timed round-robin.
+
+    Round-robin (size 1, 2, ..., then again) rather than size by size, so that a slow spell
+    of a shared machine hits every size alike instead of bending the time-vs-bytes line.
+    """
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(k).astype(np.float32)
+    ws = [np.full((n, k), 0.5, dtype=np.float32) for n in ns]
+    ys = [np.empty(n, dtype=np.float32) for n in ns]
+    times: list[list[float]] = [[] for _ in ns]
+    with blas_threads(threads) as pinned:
+        clk = _pick_clock(clock, single_thread=pinned and threads == 1)
+        for w, y in zip(ws, ys):  # warm-up
+            np.matmul(w, x, out=y)
+        for _ in range(repeats):
+            for i, (w, y) in enumerate(zip(ws, ys)):
+                t0 = clk()
+                np.matmul(w, x, out=y)
+                times[i].append(clk() - t0)
+    return [float(np.median(t)) for t in times]
 
 
 @dataclass(frozen=True)
@@ -347,6 +386,6 @@ def measure_cpu_gflops(n: int = 1024, repeats: int = 3, threads: int | None = 1)
     rng = np.random.default_rng(0)
     a = rng.standard_normal((n, n)).astype(np.float32)
     b = rng.standard_normal((n, n)).astype(np.float32)
-    with blas_threads(threads):
-        t = _median_time(lambda: a @ b, repeats)
+    with blas_threads(threads) as pinned:
+        t = _median_time(lambda: a @ b, repeats, clock=_pick_clock("auto", pinned and threads == 1))
     return 2 * n**3 / t / 1e9

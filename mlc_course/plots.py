@@ -107,7 +107,7 @@ def roofline(machines: dict[str, tuple[float, float]], kernels: dict[str, float]
     ax.set_ylabel("attainable GFLOP/s")
     ax.set_title("Roofline: below the ridge, bandwidth decides")
     ax.legend(fontsize=7, loc="lower right")
-    ax.grid(alpha=0.3, which="both")
+    ax.grid(alpha=0.3)
     return fig
 
 

@@ -38,17 +38,23 @@ How the pieces fit:
 Numerics: sums are taken in a fixed order (worker 0, 1, ..., N-1) by one worker per element, so
 every worker receives bitwise the same result. float16 and bfloat16 are accumulated in float32
 and rounded once to the storage type (round to nearest even); the result can therefore differ
-from a float16 sum rounded at every step (it is the more accurate one).
+from a float16 sum rounded at every step (usually it is the more accurate one).
 
 Failure: a collective never waits forever. A waiting worker notices within ~50 ms when a peer
 *process* has died, and gives up after ``timeout_s`` when a peer is alive but does not arrive
-(hung, or called another collective). It then marks the communicator aborted (the other workers
+(hung, or busy elsewhere). It then marks the communicator aborted (the other workers
 fail fast too) and throws a TVM error naming the worker, the op and the reason. In TVM 0.27 the
 disco worker loop does not catch errors, so an error in a worker *thread* (all workers of a
 ThreadedSession, worker 0 of a ProcessSession) aborts the whole process after printing the
 message, and a worker process exits with a traceback; a ProcessSession whose worker died cannot
 be shut down cleanly either (TVM aborts in its destructor when a pipe is broken). The CCL's
 job is to turn a silent hang into a quick, explained failure; it cannot make TVM recover.
+
+TVM 0.27 session pitfall (not specific to this CCL): do not call ``shutdown()`` on a
+ProcessSession and then let the object live on: when it is destroyed after its workers have
+exited, its destructor shuts down again, writes to the closed pipes and aborts the process
+("Write Error: Broken pipe"). Drop the last reference instead; that shuts down and reaps the
+workers. (ThreadedSession.shutdown() is harmless.)
 """
 
 from __future__ import annotations
@@ -68,7 +74,7 @@ from pathlib import Path
 
 __all__ = [
     "CCL_NAME", "LIB_NAME", "CCLBuildError", "CpuCCL",
-    "disco_session", "cache_dir", "build_cpu_ccl", "load_cpu_ccl", "init_cpu_ccl",
+    "disco_session", "cache_dir", "build_cpu_ccl", "load_cpu_ccl", "init_cpu_ccl", "init_ccl",
     "benchmark_allreduce", "REDUCE_KINDS",
 ]
 
@@ -361,6 +367,33 @@ def init_cpu_ccl(session, num_workers: int | None = None, *, timeout_s: float | 
     segment = str(tvm.get_global_func(f"runtime.disco.{CCL_NAME}.last_segment")())
     slot_rounded = max(4096, (slot + 63) // 64 * 64)
     return CpuCCL(CCL_NAME, path, n, segment, timeout, slot_rounded)
+
+
+def init_ccl(session, num_workers: int | None = None, device="cpu", **kwargs):
+    """Give ``session`` the collective library that fits ``device`` ("cpu"/"cuda" or a Device).
+
+    CPU: :func:`init_cpu_ccl` (``kwargs`` go to it). CUDA: TVM's own NCCL CCL when the TVM
+    build has one (``runtime.disco.nccl.init_ccl``; the apache-tvm 0.27 wheel has none), else
+    an error: the course's NCCL plugin (``nccl.cc`` here) is not written yet.
+    """
+    kind = device if isinstance(device, str) else {1: "cpu", 2: "cuda"}.get(
+        int(getattr(device, "dlpack_device_type", lambda: device.device_type)()), str(device))
+    kind = kind.split(":")[0].lower()
+    n = int(session.num_workers)
+    if num_workers is not None and int(num_workers) != n:
+        raise ValueError(f"session has {n} workers, not {num_workers}")
+    if kind in ("cpu", "llvm"):
+        return init_cpu_ccl(session, n, **kwargs)
+    if kind in ("cuda", "gpu", "nvidia"):
+        import tvm
+
+        if tvm.get_global_func("runtime.disco.nccl.init_ccl", allow_missing=True) is None:
+            raise NotImplementedError(
+                "no NCCL collective library: the apache-tvm wheel is built without NCCL "
+                "(runtime.disco.nccl.* is missing) and mlc_course.ccl has no NCCL plugin yet")
+        session.init_ccl("nccl", *range(n))
+        return "nccl"
+    raise ValueError(f"no collective library for device {device!r}")
 
 
 def benchmark_allreduce(session, nbytes: int, dtype: str = "float32", iters: int = 100,

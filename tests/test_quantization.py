@@ -1,0 +1,105 @@
+import numpy as np
+import pytest
+
+from mlc_course.quantization import (SCHEMES, build_dequantize_cpu, dequantize, error_bound, get_scheme,
+                                     nbytes, pack_nibbles, quantize, unpack_nibbles)
+
+Q4 = ["q4f32_1", "q4f16_1"]
+
+
+def _w(n=16, k=256, seed=0, scale=1.0):
+    return (scale * np.random.default_rng(seed).standard_normal((n, k))).astype(np.float32)
+
+
+def _reference_q4(w, store):
+    """Straight from the spec, one group at a time (slow and obvious)."""
+    n, k = w.shape
+    q = np.zeros((n, k), np.uint32)
+    scales = np.zeros((n, k // 32), store)
+    for i in range(n):
+        for g in range(k // 32):
+            grp = w[i, g * 32:(g + 1) * 32]
+            s = store(np.float32(np.max(np.abs(grp))) / np.float32(7))
+            scales[i, g] = s
+            if np.float32(s) == 0:
+                q[i, g * 32:(g + 1) * 32] = 7
+            else:
+                q[i, g * 32:(g + 1) * 32] = np.clip(np.round(grp / np.float32(s)) + 7, 0, 14)
+    words = np.zeros((n, k // 8), np.uint32)
+    for j in range(8):
+        words |= q[:, j::8] << np.uint32(4 * j)
+    return words, scales
+
+
+@pytest.mark.parametrize("scheme,store", [("q4f32_1", np.float32), ("q4f16_1", np.float16)])
+def test_matches_spec_bit_exact(scheme, store):
+    w = _w(8, 128, seed=1)
+    w[0, :32] = 0.0  # an all-zero group
+    w[1, 5] = 1e-9  # a tiny group member
+    qw, qs = quantize(w, scheme)
+    rw, rs = _reference_q4(w, store)
+    assert qw.dtype == np.uint32 and qw.shape == (8, 16)
+    assert qs.dtype == store and qs.shape == (8, 4)
+    np.testing.assert_array_equal(qw, rw)
+    np.testing.assert_array_equal(qs, rs)
+    q = unpack_nibbles(qw).astype(np.float32).reshape(8, 4, 32)
+    np.testing.assert_array_equal(dequantize(qw, qs, scheme), ((q - 7) * qs.astype(np.float32)[..., None]).reshape(8, 128))
+
+
+def test_bit_layout_hand_built():
+    # element j of each word sits at bits 4j..4j+3, element 0 lowest
+    q = np.array([[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]], np.uint32)
+    words = pack_nibbles(q)
+    assert words.tolist() == [[0x76543210, 0xFEDCBA98]]
+    np.testing.assert_array_equal(unpack_nibbles(words), q)
+
+
+def test_hand_built_group():
+    w = np.zeros((1, 32), np.float32)
+    w[0, 0], w[0, 1], w[0, 2] = 7.0, -7.0, 3.4
+    qw, qs = quantize(w, "q4f32_1")
+    assert qs[0, 0] == 1.0
+    assert unpack_nibbles(qw)[0, :4].tolist() == [14, 0, 10, 7]  # round(3.4)=3 -> 10
+
+
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+def test_round_trip_error_bound(scheme):
+    w = _w(32, 512, seed=2, scale=0.05)
+    qw, qs = quantize(w, scheme)
+    d = dequantize(qw, qs, scheme)
+    assert d.shape == w.shape and d.dtype == np.float32
+    if not get_scheme(scheme).quantized:
+        np.testing.assert_allclose(d, w, rtol=1e-3 if scheme == "q0f16" else 0, atol=1e-7)
+        return
+    bound = np.repeat(error_bound(qs, scheme), 32, axis=-1).reshape(w.shape)
+    slack = 1e-6 if "f32" in scheme else 2e-3 * np.abs(w).max()
+    assert np.all(np.abs(d - w) <= bound + slack)
+
+
+@pytest.mark.parametrize("scheme", [s for s in SCHEMES if get_scheme(s).quantized])
+def test_zero_group_gives_zeros_not_nan(scheme):
+    w = np.zeros((2, 64), np.float32)
+    d = dequantize(*quantize(w, scheme), scheme)
+    assert np.all(d == 0) and not np.any(np.isnan(d))
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="divisible by the group size 32"):
+        quantize(np.ones((4, 40), np.float32), "q4f16_1")
+    with pytest.raises(ValueError, match="unknown quantization scheme 'q3f16_0'"):
+        quantize(np.ones((4, 64), np.float32), "q3f16_0")
+    with pytest.raises(ValueError, match="2-D"):
+        quantize(np.ones(64, np.float32), "q4f16_1")
+
+
+def test_sizes():
+    assert get_scheme("q4f16_1").bits_per_weight() == 4.5
+    assert nbytes((4096, 4096), "q4f16_1") == 4096 * 4096 * 9 // 16
+
+
+@pytest.mark.parametrize("scheme", Q4 + ["q4f16_asym"])
+def test_tvm_dequantize_bit_exact(scheme):
+    w = _w(64, 256, seed=3)
+    qw, qs = quantize(w, scheme)
+    run = build_dequantize_cpu(w.shape, scheme)
+    np.testing.assert_array_equal(run(qw, qs), dequantize(qw, qs, scheme))
