@@ -33,10 +33,10 @@ unit: install
 	$(PY) -m pytest -q tests
 
 notebooks: install
-	$(PY) -m pytest -q --nbval notebooks --sanitize-with tests/nbval_sanitize.cfg
+	$(PY) -m pytest -q --nbval notebooks --nbval-sanitize-with tests/nbval_sanitize.cfg
 
 test: model
-	$(PY) -m pytest -q tests --nbval notebooks --sanitize-with tests/nbval_sanitize.cfg
+	$(PY) -m pytest -q tests --nbval notebooks --nbval-sanitize-with tests/nbval_sanitize.cfg
 
 lab: install
 	$(PY) -m jupyter lab notebooks
