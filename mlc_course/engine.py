@@ -247,7 +247,7 @@ class Engine:
             self.runner = LocalRunner(lib, params_dir, names, device)
         else:
             self.runner = DiscoRunner(lib, params_dir, names, device, shards, session)
-        self.seq_len = 0
+        self.reset()
 
     # -- low level ------------------------------------------------------------------
     def reset(self) -> None:

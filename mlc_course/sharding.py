@@ -88,14 +88,14 @@ def validate_shards(cfg: LlamaConfig, n: int, scheme: str | None = None) -> None
     shard counts that would work for this model."""
     if not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"shards must be a positive integer, got {n!r}")
-    for what, size, unit in shard_constraints(cfg, scheme):
-        if size % n or (size // n) % unit:
-            valid = valid_shard_counts(cfg, scheme)
-            extra = f" into multiples of {unit}" if unit > 1 else ""
-            raise ValueError(
-                f"{cfg.name} cannot be split into {n} shards: its {what} = {size} does not "
-                f"divide by {n}{extra}. Shard counts that work for this model: "
-                f"{', '.join(map(str, valid))}")
+    failing = [f"{what} = {size}" + (f" (into multiples of {unit})" if unit > 1 else "")
+               for what, size, unit in shard_constraints(cfg, scheme) if size % n or (size // n) % unit]
+    if failing:
+        valid = valid_shard_counts(cfg, scheme)
+        raise ValueError(
+            f"{cfg.name} cannot be split into {n} shards: its {'; '.join(failing)} "
+            f"{'does' if len(failing) == 1 else 'do'} not divide by {n}. "
+            f"Shard counts that work for this model: {', '.join(map(str, valid))}")
 
 
 def _split_rows(a: np.ndarray, segments: tuple[int, ...], n: int) -> list[np.ndarray]:
