@@ -114,14 +114,17 @@ def load_worker_params(folder: str | Path, rank: int, names: list[str]) -> list[
 class LocalRunner:
     """One worker: a Relax VM in this process."""
 
-    def __init__(self, lib_path: Path, params_dir: Path, names: list[str], device: str):
+    def __init__(self, lib_path: Path, params_dir: Path | None, names: list[str], device: str,
+                 arrays=None):
         import tvm
-        from tvm import relax
+        from tvm.runtime.vm import VirtualMachine  # relax.VirtualMachine; needs only the runtime
 
         self.tvm = tvm
         self.dev = tvm.cpu() if device == "cpu" else tvm.cuda(0)
-        self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(lib_path)), self.dev)
-        self.params = [tvm.runtime.tensor(a, self.dev) for a in load_worker_params(params_dir, 0, names)]
+        self.vm = VirtualMachine(tvm.runtime.load_module(str(lib_path)), self.dev)
+        if arrays is None:
+            arrays = load_worker_params(params_dir, 0, names)
+        self.params = [tvm.runtime.tensor(a, self.dev) for a in arrays]
         self.effects = None
 
     def reset(self) -> None:
@@ -162,17 +165,30 @@ class DiscoRunner:
             self.params = loader(str(params_dir), json.dumps(names), device)
             self._getitem = self.sess.get_global_func("ffi.ArrayGetItem")
             self.sess._sync_all()
+            self._procs = _worker_processes() if session != "thread" else []
         except Exception as e:
             self.close()
             raise EngineError(f"starting {shards} disco workers failed: {_first_line(e)}") from None
         self.effects = None
         del disco_worker
 
+    def _ensure_alive(self) -> None:
+        if self.sess is None:
+            raise EngineError("the multi-worker session has ended; create a new Engine")
+        dead = _dead(self._procs)
+        if dead:
+            _abandon(self.sess, self.mod, self.params, self.effects)
+            self.sess = self.mod = self.params = self.effects = None
+            raise EngineError(f"disco worker process {dead[0]} has died; the session was ended. "
+                              "Create a new Engine (or rerun the command)")
+
     def reset(self) -> None:
+        self._ensure_alive()
         self.effects = self.mod["_initialize_effect"]()
 
     def step(self, fn: str, ids: np.ndarray, total: int) -> np.ndarray:
         tvm = self.tvm
+        self._ensure_alive()
         try:
             dids = self.sess.empty(ids.shape, "int32")
             dids.debug_copy_from(0, ids)
@@ -190,6 +206,53 @@ class DiscoRunner:
         # was shut down and is destroyed later aborts the process; destroying it shuts it down.
         self.mod = self.params = self.effects = self._getitem = None
         self.sess = None
+
+
+def _worker_processes() -> list:
+    """This process's disco worker processes (ProcessSession workers 1..N-1)."""
+    import psutil
+
+    out = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if "disco_worker" in " ".join(p.cmdline()):
+                out.append(p)
+        except psutil.Error:
+            pass
+    return out
+
+
+def _dead(procs: list) -> list:
+    import psutil
+
+    dead = []
+    for p in procs:
+        try:
+            if not p.is_running() or p.status() == psutil.STATUS_ZOMBIE:
+                dead.append(p.pid)
+        except psutil.NoSuchProcess:
+            dead.append(p.pid)
+    return dead
+
+
+# Sessions whose worker died: TVM 0.27 aborts when such a session is destroyed or sent a
+# message (broken pipe), so they are kept, unused, and the process ends without running
+# their destructors.
+_ABANDONED: list = []
+
+
+def _abandon(*objs) -> None:
+    import atexit
+    import os
+
+    if not _ABANDONED:
+        def _exit_without_destructors():
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
+
+        atexit.register(_exit_without_destructors)
+    _ABANDONED.append(objs)
 
 
 def _first_line(e: Exception) -> str:
@@ -248,6 +311,23 @@ class Engine:
         else:
             self.runner = DiscoRunner(lib, params_dir, names, device, shards, session)
         self.reset()
+
+    @classmethod
+    def from_compiled(cls, lib_path: str | Path, config: LlamaConfig, arrays, quantization: str,
+                      device: str = "cuda", tokenizer=None, quiet: bool = False) -> "Engine":
+        """One worker over an already compiled library and its parameter arrays, given in
+        the model's parameter order (an iterable: each array goes to the device as it comes).
+        Needs neither the compiler nor weight conversion: this is how ``scripts/gpu_run.py``
+        runs on GPU machines that have only TVM's runtime."""
+        self = cls.__new__(cls)
+        self.log = (lambda m: None) if quiet else _log
+        self.device, self.scheme, self.shards = device, quantization, 1
+        get_scheme(quantization)
+        self.source, self.config, self.model_name = None, config, config.name
+        self.tokenizer = tokenizer
+        self.runner = LocalRunner(Path(lib_path), None, [], device, arrays=arrays)
+        self.reset()
+        return self
 
     # -- low level ------------------------------------------------------------------
     def reset(self) -> None:

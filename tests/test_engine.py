@@ -127,9 +127,23 @@ def test_killed_worker_ends_session_within_seconds():
         "eng.generate([1, 2, 3], max_new_tokens=2)\n"
         "kids = [p for p in psutil.Process().children(recursive=True) if 'disco_worker' in ' '.join(p.cmdline())]\n"
         "os.kill(kids[-1].pid, signal.SIGKILL)\n"
-        "eng.generate([1, 2, 3], max_new_tokens=20)\n"
+        "time.sleep(0.5)\n"
+        "from mlc_course.engine import EngineError\n"
+        "try:\n"
+        "    eng.generate([1, 2, 3], max_new_tokens=20)\n"
+        "except EngineError as e:\n"
+        "    print('ERROR', e)\n"
     )
     t0 = time.time()
     r = subprocess.run([PY, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode != 0
+    assert "ERROR disco worker process" in r.stdout and "has died" in r.stdout
+    assert "Traceback" not in r.stderr and "terminate called" not in r.stderr
     assert time.time() - t0 < 60
+
+
+def test_chat_session_reset_and_exit():
+    r = subprocess.run([PY, "-m", "mlc_course", "chat", "--max-new-tokens", "8"], input="Hi!\n/reset\nName a color.\n/exit\n",
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("bot> ") == 2 and "(conversation cleared)" in r.stderr
