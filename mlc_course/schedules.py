@@ -75,3 +75,87 @@ class CpuGEMV(dl.ScheduleRule):
             return cpu_gemv_schedule(func)
         except Exception:
             return None
+
+
+# ----------------------------------------------------------------------------- CUDA GEMV
+
+
+def cuda_gemv_schedule(func: tirx.PrimFunc, rows_per_block: int = 8, threads_k: int = 32,
+                       words_per_thread: int = 4, unroll: int = 4) -> s_tir.Schedule:
+    """Schedule a decode-shaped quantized ``matmul`` block (b = s = 1) for CUDA.
+
+    The weight is the stream that sets the speed, so the schedule is built around reading
+    it at full width:
+
+    * a block owns ``rows_per_block`` output rows (threadIdx.y); a warp of ``threads_k``
+      threads (threadIdx.x) walks one row's K, each thread loading ``words_per_thread``
+      consecutive uint32 words per step (16 bytes for 4 words: one vector load holding 32
+      weights, i.e. exactly one quantization group and its one scale);
+    * each thread keeps a private partial sum (rfactor), and the warp adds its partial sums
+      with shuffles at the end (TVM lowers the cross-thread reduction);
+    * the activation vector is read through registers from L1/L2 (every row of the block
+      reuses it), the step loop is unrolled ``unroll`` times for loads in flight.
+    """
+    sch = s_tir.Schedule(func)
+    block = sch.get_sblock("matmul")
+    _, _, j, k = sch.get_loops(block)
+    k_dim = int(sch.get(k).extent)
+    vec = 8 * words_per_thread
+    if k_dim % (threads_k * vec):
+        raise ValueError(f"K = {k_dim} is not a multiple of threads_k * 8 * words = {threads_k * vec}")
+    ko, tx, kv = sch.split(k, factors=[None, threads_k, vec])
+    rf = sch.rfactor(tx, factor_axis=0)  # partial[tx, ...]
+    # rfactor block loops: i, t, j, ko, tx, kv  ->  bx, ty, tx | ko, kv
+    i, t, rj, rko, rtx, rkv = sch.get_loops(rf)
+    bx, ty = sch.split(sch.fuse(i, t, rj), factors=[None, rows_per_block])
+    sch.reorder(bx, ty, rtx, rko, rkv)
+    sch.bind(bx, "blockIdx.x")
+    sch.bind(ty, "threadIdx.y")
+    sch.bind(rtx, "threadIdx.x")
+    # vector loads of the packed weights (and the scale of the group) into registers
+    for idx in range(1, len(sch.get(rf).reads)):
+        try:
+            cache = sch.cache_read(rf, read_buffer_index=idx, storage_scope="local")
+            sch.compute_at(cache, rko, preserve_unit_loops=True)
+            loops = sch.get_loops(cache)
+            inner = loops[-1]
+            if int(sch.get(inner).extent) > 1:
+                sch.vectorize(inner)
+        except Exception:
+            pass
+    sch.unroll(rkv)
+    sch.decompose_reduction(rf, rko)
+    if unroll > 1:
+        sch.annotate(rko, "pragma_auto_unroll_max_step", unroll * vec)
+        sch.annotate(rko, "pragma_unroll_explicit", 1)
+    sch.set_scope(rf, buffer_index=0, storage_scope="local")
+    # final cross-thread add: same bx / ty, reduction over tx bound to threadIdx.x
+    sch.reverse_compute_at(block, bx, preserve_unit_loops=True)
+    loops = sch.get_loops(block)  # bx, tx (reduce, from factor_axis=0), i, t, j
+    ftx, spatial = loops[1], loops[2:]
+    fo, fy = sch.split(sch.fuse(*spatial), factors=[None, rows_per_block])
+    sch.reorder(fo, fy, ftx)
+    sch.bind(fy, "threadIdx.y")
+    sch.bind(ftx, "threadIdx.x")
+    for consumer in sch.get_consumers(block):
+        sch.reverse_compute_at(consumer, bx, preserve_unit_loops=True)
+        cl = sch.get_loops(consumer)
+        _, cy = sch.split(sch.fuse(*cl[1:]), factors=[None, rows_per_block])
+        sch.bind(cy, "threadIdx.y")
+        sch.set_scope(block, buffer_index=0, storage_scope="shared")
+    return sch
+
+
+class CudaGEMV(dl.ScheduleRule):
+    """dlight rule wrapper for :func:`cuda_gemv_schedule` (falls through when K does not fit)."""
+
+    def __init__(self, **params):
+        self.params = params
+
+    def apply(self, func, target, _tunable):  # noqa: D401
+        if target.kind.name != "cuda" or not isinstance(func, tirx.PrimFunc) or not _is_gemv_func(func):
+            return None
+        try:
+            return cuda_gemv_schedule(func, **self.params)
+        except Exception:
+            return None
