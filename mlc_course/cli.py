@@ -1,7 +1,7 @@
 """``python -m mlc_course``: the course's command line.
 
 Commands: ``fetch`` (the course model), ``generate``, ``chat``, ``bench``, ``perplexity``,
-``demo`` (the main job of ``make demo``), ``cache`` (show or clear the cache).
+``grade`` (lab notebooks), ``demo`` (the main job of ``make demo``), ``cache`` (show or clear the cache).
 Results go to stdout; progress and logs to stderr. User errors exit with status 2 and one
 line that says what to do, never a traceback.
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -147,6 +146,9 @@ def cmd_cache(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m mlc_course", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
+    from .grading import add_parser as add_grade_parser
+
+    add_grade_parser(sub)  # grade PATH...: run students' lab notebooks headless, score them
 
     sub.add_parser("fetch", help="download and verify the course model").set_defaults(fn=cmd_fetch)
 
