@@ -68,6 +68,53 @@ def is_gpu(target) -> bool:
 # ----------------------------------------------------------------------------- pipeline
 
 
+def gpu_rules() -> list:
+    """dlight's GPU rules, in the order tried: the first that applies schedules a kernel.
+
+    The decode step's quantized linears (one token: a static row) get ``GEMV``; prefill's
+    (a dynamic number of rows) get ``GeneralReduction`` (the dequantize inside the
+    reduction is no plain matmul); attention, norms and softmax get ``Matmul``/``Reduction``/
+    ``GeneralReduction``; elementwise kernels ``Fallback``.
+    """
+    import tvm.s_tir.dlight as dl
+
+    class SimtMatmul(dl.gpu.Matmul):
+        """dlight's Matmul without its tensor-core path: in TVM 0.27 that path segfaults on
+        float16 matmuls for numeric archs (sm_70...sm_89); ``sm_90a`` never takes it (the
+        rule reads the arch as a number). Scheduling with an arch it cannot read as a number
+        gives every CUDA target the same SIMT schedule; code is still generated for the real
+        arch."""
+
+        def apply(self, func, target, tunable):
+            if target.kind.name == "cuda":
+                import tvm
+
+                cfg = {k: v for k, v in target.export().items() if k != "host"}
+                cfg["arch"] = f"{cfg.get('arch', 'sm_80')}_simt"
+                target = tvm.target.Target(cfg)
+            return super().apply(func, target, tunable)
+
+    return [SimtMatmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
+            dl.gpu.Fallback()]
+
+
+def schedule_report(mod, target) -> dict[str, str]:
+    """Kernel name -> the dlight rule that schedules it (``mod`` after the ``fuse`` stage)."""
+    from tvm import tirx
+
+    report = {}
+    with target:
+        for gv, func in mod.functions_items():
+            if not isinstance(func, tirx.PrimFunc):
+                continue
+            report[gv.name_hint] = "none"
+            for rule in gpu_rules():
+                if rule.apply(func, target, False) is not None:
+                    report[gv.name_hint] = type(rule).__name__
+                    break
+    return report
+
+
 def pipeline_stages(target) -> list[tuple[str, list]]:
     """The course's pipeline as (stage name, passes)."""
     import tvm.s_tir.dlight as dl
@@ -78,8 +125,7 @@ def pipeline_stages(target) -> list[tuple[str, list]]:
     fuse = [relax.transform.FuseOps(), relax.transform.FuseTIR(),
             relax.transform.DeadCodeElimination()]
     if is_gpu(target):
-        rules = [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
-                 dl.gpu.Fallback()]
+        rules = gpu_rules()
     else:
         from .schedules import CpuGEMV
 
@@ -96,13 +142,17 @@ def pipeline_stages(target) -> list[tuple[str, list]]:
     return [("legalize", legalize), ("fuse", fuse), ("schedule", schedule), ("lower", lower)]
 
 
-def run_stages(mod, target, upto: str | None = None, log=None):
-    """Apply the pipeline's stages to ``mod`` (up to and including ``upto``)."""
+def run_stages(mod, target, upto: str | None = None, log=None, cuda_graph: bool = False):
+    """Apply the pipeline's stages to ``mod`` (up to and including ``upto``).
+
+    ``cuda_graph`` (GPU only): ``RewriteCUDAGraph`` captures the static parts of each call
+    in CUDA graphs, replayed on later calls (fewer kernel launches from the host)."""
     import tvm
 
+    config = {"relax.backend.use_cuda_graph": True} if cuda_graph and is_gpu(target) else {}
     for name, passes in pipeline_stages(target):
         t0 = time.time()
-        with target, tvm.transform.PassContext(opt_level=3):
+        with target, tvm.transform.PassContext(opt_level=3, config=config):
             mod = tvm.transform.Sequential(passes)(mod)
         if log:
             log(f"  {name:<9} {time.time() - t0:6.1f} s")
@@ -111,23 +161,23 @@ def run_stages(mod, target, upto: str | None = None, log=None):
     return mod
 
 
-def pipeline(target, log=None):
+def pipeline(target, log=None, cuda_graph: bool = False):
     """The whole pipeline as one module pass, for ``tvm.compile(relax_pipeline=...)``."""
     import tvm
 
     @tvm.transform.module_pass(opt_level=0)
     def _pipeline(mod, _ctx):
-        return run_stages(mod, target, log=log)
+        return run_stages(mod, target, log=log, cuda_graph=cuda_graph)
 
     return _pipeline
 
 
-def compile_module(mod, target, log=None):
+def compile_module(mod, target, log=None, cuda_graph: bool = False):
     """Compile a Relax IRModule with the course pipeline; returns the VM executable."""
     import tvm
 
     t0 = time.time()
-    ex = tvm.compile(mod, target=target, relax_pipeline=pipeline(target, log))
+    ex = tvm.compile(mod, target=target, relax_pipeline=pipeline(target, log, cuda_graph))
     if log:
         log(f"  codegen + link {time.time() - t0:6.1f} s in all")
     return ex
@@ -180,6 +230,8 @@ def build_model(cfg, scheme: str, shards: int = 1, device: str = "cpu", *, targe
     target = target or get_target(device)
     path = library_path(cfg, scheme, shards, target)
     log = (lambda m: None) if quiet else _log
+    if path.exists() and not force and is_gpu(target):
+        return path  # a GPU library cannot be loaded to check it where no GPU runtime is
     if path.exists() and not force:
         try:
             tvm.runtime.load_module(str(path))

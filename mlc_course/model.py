@@ -80,8 +80,9 @@ class Embedding(QuantizedWeight):
 def _rms_norm(x: nn.Tensor, weight: nn.Parameter, eps: float) -> nn.Tensor:
     """RMSNorm computed in float32 whatever the activation dtype."""
     dtype = x.dtype
-    y = op.rms_norm(x.astype("float32") if dtype != "float32" else x,
-                    weight, axes=[-1], epsilon=eps)
+    if dtype != "float32":
+        x, weight = x.astype("float32"), weight.astype("float32")
+    y = op.rms_norm(x, weight, axes=[-1], epsilon=eps)
     return y.astype(dtype) if dtype != "float32" else y
 
 

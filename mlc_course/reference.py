@@ -58,7 +58,8 @@ class ReferenceLlama:
         self.v_cache[i] = values = np.concatenate([self.v_cache[i], v])
         group = c.num_heads // c.num_kv_heads
         keys, values = np.repeat(keys, group, axis=1), np.repeat(values, group, axis=1)
-        scores = np.einsum("shd,thd->hst", q, keys) / np.sqrt(c.head_dim)
+        # np.float32: a NumPy float64 scalar would turn the rest of the pass into float64
+        scores = np.einsum("shd,thd->hst", q, keys) / np.float32(np.sqrt(c.head_dim))
         causal = np.arange(keys.shape[0])[None, :] <= positions[:, None]  # (s, t)
         scores = np.where(causal[None], scores, -np.inf)
         probs = np.exp(scores - scores.max(-1, keepdims=True))

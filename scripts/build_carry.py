@@ -1,0 +1,267 @@
+#!/usr/bin/env python
+"""Build ``.carry/``: everything a GPU machine without TVM needs to run the course's engine.
+
+The lent GPU machines (see README, "GPU runs") have Python 3.12, CUDA 13, nvcc, PyTorch and
+NumPy, but no TVM, and reach no package registry. What travels with a run is the working
+tree plus the ignored paths named in ``carry`` (64 MiB in all), so this script packs:
+
+* ``site/tvm_ffi``: the cp312 manylinux wheel of apache-tvm-ffi (downloaded with pip);
+* ``site/tvm``: the installed ``tvm`` package *runtime only*: its Python files and
+  ``libtvm_runtime.so``, ``libtvm_runtime_extra.so`` (disco, the VM builtins) and
+  ``libtvm_runtime_cuda.so``; not ``libtvm_compiler.so`` (250 MB), ``3rdparty/``
+  (CUTLASS headers), the C++ sources, headers, web runtime or CMake files;
+* ``lib/*.so``: model libraries compiled here for the GPU arch (CUDA source inside: TVM 0.27
+  keeps the kernels as CUDA C++ and compiles them when the library is loaded, through the
+  ``tvm_callback_cuda_compile`` function), and ``lib/manifest.json``: per library the
+  config, scheme and the ordered parameter names, shapes and dtypes (the GPU machine has no
+  compiler to call ``model.export``);
+* ``fatbin/<sha256 of the CUDA source>.fatbin``: the kernels compiled here with nvcc for the
+  arch, when nvcc is present here, so that loading there costs no compile
+  (``scripts/gpu_run.py`` compiles with nvcc there on a miss).
+
+The ``mlc_course`` package itself travels with the working tree. Usage::
+
+    python scripts/build_carry.py                 # build .carry/ (a few minutes on 2 cores)
+    python scripts/build_carry.py --dry-run       # list the files, copy/compile nothing
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# (model preset, quantization) compiled for the GPU run: tiny for correctness against the
+# NumPy reference, Llama-2-7B-shaped q4f16_1 for speed.
+# A third field "graph" compiles with CUDA graphs (RewriteCUDAGraph).
+DEFAULT_MODELS = ["tiny:q4f16_1", "tiny:q0f32", "tiny:q0f16", "tiny:q4f16_1:graph",
+                  "llama2-7b:q4f16_1", "llama2-7b:q4f16_1:graph"]
+
+# Parts of the installed tvm package a runtime-only import does not need.
+TVM_EXCLUDE_DIRS = {"3rdparty", "src", "web", "include", "cmake", "lib64", "licenses", "__pycache__"}
+TVM_RUNTIME_LIBS = ["libtvm_runtime.so", "libtvm_runtime_extra.so", "libtvm_runtime_cuda.so"]
+FFI_EXCLUDE_DIRS = {"3rdparty", "include", "src", "cmake", "share", "__pycache__"}
+FFI_EXCLUDE_FILES = {"CMakeLists.txt"}
+
+LIMIT_BYTES = 60 * 2**20  # stay well under the 64 MiB that may travel with a run
+
+
+def tvm_runtime_files() -> list[tuple[Path, str]]:
+    """(source file, path under site/) for the runtime-only tvm package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("tvm")
+    pkg = Path(spec.origin).parent
+    out = []
+    for p in sorted(pkg.rglob("*")):
+        if not p.is_file():
+            continue
+        rel = p.relative_to(pkg)
+        if rel.parts[0] in TVM_EXCLUDE_DIRS or "__pycache__" in rel.parts or p.suffix == ".pyc":
+            continue
+        if rel.parts[0] == "lib":
+            if rel.name not in TVM_RUNTIME_LIBS:
+                continue
+        elif p.suffix not in (".py", ".pyi") and rel.name not in ("LICENSE", "NOTICE"):
+            continue
+        out.append((p, str(Path("tvm") / rel)))
+    names = {Path(d).name for _, d in out}
+    missing = [n for n in TVM_RUNTIME_LIBS if n not in names]
+    if missing:
+        raise SystemExit(f"the installed tvm lacks {missing}")
+    return out
+
+
+def ffi_version() -> str:
+    from importlib.metadata import version
+
+    return version("apache-tvm-ffi")
+
+
+def wheel_cache() -> Path:
+    from mlc_course.weights import cache_dir
+
+    return cache_dir() / "wheels"
+
+
+def download_ffi_wheel(dest: Path, python_version: str = "3.12") -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    tag = "cp" + python_version.replace(".", "")
+    have = list(dest.glob(f"apache_tvm_ffi-{ffi_version()}-{tag}-*.whl"))
+    if have:
+        return have[0]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "--python-version", python_version, "--implementation", "cp",
+           "--platform", "manylinux_2_28_x86_64", "--platform", "manylinux_2_24_x86_64",
+           "--platform", "manylinux_2_17_x86_64", "--platform", "manylinux2014_x86_64",
+           "-d", str(dest), f"apache-tvm-ffi=={ffi_version()}"]
+    subprocess.run(cmd, check=True, stdout=sys.stderr)
+    return next(dest.glob(f"apache_tvm_ffi-{ffi_version()}-{tag}-*.whl"))
+
+
+def ffi_members(wheel: Path) -> list[str]:
+    with zipfile.ZipFile(wheel) as z:
+        keep = []
+        for n in z.namelist():
+            parts = Path(n).parts
+            if parts[0] != "tvm_ffi" or n.endswith("/"):
+                continue
+            if set(parts[1:-1]) & FFI_EXCLUDE_DIRS or parts[-1] in FFI_EXCLUDE_FILES:
+                continue
+            keep.append(n)
+        return keep
+
+
+def cuda_sources(lib_module) -> list[str]:
+    """The CUDA C++ source of every CUDA module imported by a compiled library."""
+    out, stack = [], [lib_module]
+    while stack:
+        m = stack.pop()
+        if m.kind == "cuda":
+            out.append(m.inspect_source(""))
+        stack.extend(m.imports)
+    return out
+
+
+def nvcc_fatbin(source: str, arch: str, out: Path) -> bool:
+    if shutil.which("nvcc") is None:
+        return False
+    with tempfile.TemporaryDirectory() as tmp:
+        cu = Path(tmp) / "k.cu"
+        cu.write_text(source)
+        subprocess.run(nvcc_command(arch, str(cu), str(out)), check=True)
+    return True
+
+
+def nvcc_command(arch: str, src: str, out: str) -> list[str]:
+    """nvcc for one arch (``sm_90a`` needs the -gencode form; see HOPPER notes)."""
+    return ["nvcc", "-w", "-O3", "-fatbin", f"-gencode=arch=compute_{arch[3:]},code={arch}",
+            "-o", out, src]
+
+
+def build_libraries(out: Path, models: list[str], device: str, log) -> dict:
+    """Compile each model for ``device``; write lib/*.so, lib/manifest.json, fatbin/*."""
+    from mlc_course.compile import compile_module, get_target
+    from mlc_course.config import get_preset
+    from mlc_course.model import export
+
+    target = get_target(device)
+    arch = str(target.attrs["arch"])
+    (out / "lib").mkdir(parents=True, exist_ok=True)
+    (out / "fatbin").mkdir(parents=True, exist_ok=True)
+    manifest = {"arch": arch, "device": device, "libraries": {}}
+    for item in models:
+        name, scheme, *opts = item.split(":")
+        graph = "graph" in opts
+        cfg = get_preset(name)
+        log(f"compiling {name} {scheme} for {arch}{' with CUDA graphs' if graph else ''}")
+        mod, named = export(cfg, scheme, 1)
+        ex = compile_module(mod, target, cuda_graph=graph)
+        lib = f"{name}-{scheme}-{arch}{'-graph' if graph else ''}.so"
+        ex.export_library(str(out / "lib" / lib))
+        digests = []
+        for src in cuda_sources(ex.mod):
+            digest = hashlib.sha256(src.encode()).hexdigest()
+            digests.append(digest)
+            fb = out / "fatbin" / f"{digest}.fatbin"
+            if not fb.exists():
+                if nvcc_fatbin(src, arch, fb):
+                    log(f"  nvcc -> fatbin/{fb.name[:16]}... ({fb.stat().st_size // 1024} KiB)")
+                else:
+                    log("  no nvcc here: the GPU machine compiles the kernels at load")
+        params_file = None
+        if name == "tiny":  # small enough to travel: converted weights + the float32 originals
+            params_file = write_tiny_params(out, cfg, scheme, [n for n, _ in named])
+        manifest["libraries"][lib] = {
+            "params_file": params_file,
+            "model": name, "quantization": scheme, "shards": 1, "cuda_graph": graph,
+            "config": cfg.to_dict(),
+            "params": [[n, [int(d) for d in spec.shape], str(spec.dtype)] for n, spec in named],
+            "cuda_source_sha256": digests,
+        }
+    (out / "lib" / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def write_tiny_params(out: Path, cfg, scheme: str, names: list[str]) -> str:
+    """``params/tiny-<scheme>.npz`` (the model's arrays, in order) and ``params/tiny-hf.npz``
+    (the float32 weights that the NumPy reference uses), from the engine's own tiny source."""
+    import numpy as np
+
+    from mlc_course.model import convert_params
+    from mlc_course.weights import resolve_model
+
+    (out / "params").mkdir(parents=True, exist_ok=True)
+    source = resolve_model("tiny")
+    hf = source.load_params()
+    if not (out / "params" / "tiny-hf.npz").exists():
+        np.savez(out / "params" / "tiny-hf.npz", **hf)
+    conv = convert_params(hf, cfg, scheme)
+    rel = f"params/tiny-{scheme}.npz"
+    np.savez(out / rel, **{f"{i:04d}": conv[n] for i, n in enumerate(names)})
+    return rel
+
+
+def plan(wheel: Path | None) -> list[str]:
+    """The relative paths under .carry/ that the site part holds (no compile, no copy)."""
+    files = ["site/" + d for _, d in tvm_runtime_files()]
+    if wheel is not None:
+        files += ["site/" + n for n in ffi_members(wheel)]
+    return files
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=str(ROOT / ".carry"))
+    ap.add_argument("--device", default="cuda", help="compile target: cuda (sm_90a), a100, rtx4090")
+    ap.add_argument("--models", default=",".join(DEFAULT_MODELS),
+                    help="comma-separated preset:quantization pairs")
+    ap.add_argument("--python-version", default="3.12", help="of the GPU machine's python")
+    ap.add_argument("--dry-run", action="store_true", help="print the file list as JSON; build nothing")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+
+    wheels = wheel_cache()
+    if args.dry_run:
+        have = sorted(wheels.glob(f"apache_tvm_ffi-{ffi_version()}-*.whl")) if wheels.exists() else []
+        print(json.dumps({"site": plan(have[0] if have else None),
+                          "models": args.models.split(",")}, indent=0))
+        return 0
+
+    wheel = download_ffi_wheel(wheels, args.python_version)
+    site = out / "site"
+    if site.exists():
+        shutil.rmtree(site)
+    for src, rel in tvm_runtime_files():
+        dst = site / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, dst)
+    with zipfile.ZipFile(wheel) as z:
+        for n in ffi_members(wheel):
+            z.extract(n, site)
+    log(f"site/: runtime-only tvm + tvm_ffi {ffi_version()} ({wheel.name})")
+    build_libraries(out, [m for m in args.models.split(",") if m], args.device, log)
+
+    total = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    tree = sum(p.stat().st_size for p in ROOT.rglob("*") if p.is_file() and not
+               {".venv", ".git", ".carry", "__pycache__", ".ipynb_checkpoints", ".pytest_cache"} & set(p.relative_to(ROOT).parts))
+    log(f".carry/: {total / 2**20:.1f} MiB; rest of the tree ~{tree / 2**20:.1f} MiB")
+    if total + tree > LIMIT_BYTES:
+        log(f"WARNING: over {LIMIT_BYTES / 2**20:.0f} MiB; a run carries at most 64 MiB")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

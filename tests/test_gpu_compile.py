@@ -1,0 +1,102 @@
+"""CUDA code generation on a machine without a GPU, the GPU carry folder, the GPU results file.
+
+Compiling needs no GPU: TVM 0.27 keeps the kernels as CUDA C++ inside the library (they are
+compiled to machine code when it is loaded on the GPU machine), so CI can check that the
+decode step's quantized linears got dlight's GEMV schedule for each GPU arch.
+"""
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _cuda_source(lib_module) -> str:
+    stack, out = [lib_module], []
+    while stack:
+        m = stack.pop()
+        if m.kind == "cuda":
+            out.append(m.inspect_source(""))
+        stack.extend(m.imports)
+    return "\n".join(out)
+
+
+def _kernels(src: str) -> dict[str, str]:
+    """Kernel name -> its definition's text."""
+    heads = list(re.finditer(r'extern "C" __global__ void __launch_bounds__\(\d+\) (\w+)\([^)]*\) \{', src))
+    return {m.group(1): src[m.start(): heads[i + 1].start() if i + 1 < len(heads) else len(src)]
+            for i, m in enumerate(heads)}
+
+
+@pytest.fixture(scope="module")
+def tiny_fused():
+    from mlc_course.compile import get_target, run_stages
+    from mlc_course.config import get_preset
+    from mlc_course.model import export
+
+    mod, _ = export(get_preset("tiny"), "q4f16_1", 1)
+    return run_stages(mod, get_target("cuda"), upto="fuse")
+
+
+def test_decode_linears_get_the_gemv_rule(tiny_fused):
+    from mlc_course.compile import get_target, schedule_report
+
+    report = schedule_report(tiny_fused, get_target("cuda"))
+    assert "none" not in report.values(), report
+    decode = tiny_fused["decode"]  # the decode function's kernels: static one-token shapes
+    text = decode.script()
+    called = {k for k in report if re.search(rf"\b{k}\b", text)}
+    linears = [k for k in called if "linear" in k or k == "lm_head"]
+    assert linears, called
+    assert all(report[k] == "GEMV" for k in linears), {k: report[k] for k in linears}
+
+
+@pytest.mark.parametrize("device,arch", [("cuda", "sm_90a"), ("a100", "sm_80"), ("rtx4090", "sm_89")])
+@pytest.mark.parametrize("scheme", ["q4f16_1", "q0f16"])
+def test_tiny_compiles_to_cuda(device, arch, scheme):
+    from mlc_course.compile import compile_module, get_target
+    from mlc_course.config import get_preset
+    from mlc_course.model import export
+
+    target = get_target(device)
+    assert str(target.attrs["arch"]) == arch
+    mod, _ = export(get_preset("tiny"), scheme, 1)
+    ex = compile_module(mod, target)
+    kernels = _kernels(_cuda_source(ex.mod))
+    decode_linears = [k for k in kernels if k in ("lm_head_kernel", "linear4_kernel", "linear6_kernel")
+                      or re.fullmatch(r"fused_linear\d+_add\w*_kernel", k)]
+    assert {"lm_head_kernel", "linear4_kernel"} <= set(kernels), sorted(kernels)
+    # dlight's GEMV: partial sums per thread (rfactor, "_rf_" buffers), then a cross-thread
+    # reduction with warp shuffles. Prefill's linears (GeneralReduction) have no rfactor.
+    gemv = [k for k in decode_linears if "_rf_" in kernels[k] and "__shfl" in kernels[k]]
+    assert {"lm_head_kernel", "linear4_kernel"} <= set(gemv), gemv
+
+
+def test_carry_dry_run_excludes_the_compiler():
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "build_carry.py"), "--dry-run"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    files = json.loads(r.stdout)["site"]
+    names = {Path(f).name for f in files}
+    assert {"libtvm_runtime.so", "libtvm_runtime_extra.so", "libtvm_runtime_cuda.so"} <= names
+    assert "libtvm_compiler.so" not in names
+    assert not any("/3rdparty/" in f for f in files)
+
+
+def test_gpu_results_schema():
+    path = ROOT / "data" / "results" / "gpu_h100.json"
+    if not path.exists():
+        pytest.skip("no GPU results recorded yet")
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from gpu_run import REQUIRED_KEYS
+
+    doc = json.loads(path.read_text())
+    assert doc["records"], "no records"
+    for rec in doc["records"]:
+        missing = [k for k in REQUIRED_KEYS if k not in rec]
+        assert not missing, (rec.get("model"), missing)
+        assert rec["decode_tok_per_s"] > 0 and 0 < rec["fraction_of_ceiling"] < 1.5
