@@ -8,6 +8,7 @@ of the course sees one format whatever the source.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -253,8 +254,10 @@ def _file_ident(path: Path) -> str:
     return f"{path.resolve()}:{st.st_size}:{int(st.st_mtime)}"
 
 
+@functools.lru_cache(maxsize=16)
 def resolve_model(name: str) -> ModelSource:
-    """Find a model by preset name, local folder or Hugging Face repo id."""
+    """Find a model by preset name, local folder or Hugging Face repo id (cached per name:
+    reading the GGUF metadata takes seconds)."""
     from .config import PRESETS, config_from_gguf_metadata, config_from_hf
     from .tokenizer import Tokenizer
 
