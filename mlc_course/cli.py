@@ -102,10 +102,12 @@ def cmd_chat(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    if args.predict:
+        from . import perf_model
+
+        return perf_model.predict_cli(args)
     from . import bench
 
-    if args.predict:
-        return bench.predict_cli(args)
     result = bench.run_cpu_bench(model=args.model, schemes=args.quantization or ["q0f32", "q4f32_1"],
                                  new_tokens=args.new_tokens, out=args.out)
     print(json.dumps(result, indent=1))
@@ -181,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--predict", action="store_true", help="print the performance model's prediction")
     b.add_argument("--gpu", default="H100-SXM")
     b.add_argument("--num-gpus", type=int, default=1)
+    b.add_argument("--link", choices=["nvlink", "pcie"], default=None, help="with --predict")
+    b.add_argument("--engine", choices=["mlc-2023", "course"], default=None, help="with --predict")
+    b.add_argument("--eager", action="store_true", help="with --predict: no CUDA graphs")
     b.set_defaults(fn=cmd_bench)
 
     p = sub.add_parser("perplexity", help="perplexity of the course model per quantization scheme")

@@ -68,7 +68,7 @@ def is_gpu(target) -> bool:
 # ----------------------------------------------------------------------------- pipeline
 
 
-def gpu_rules() -> list:
+def gpu_rules(gemv: str = "dlight") -> list:
     """dlight's GPU rules, in the order tried: the first that applies schedules a kernel.
 
     The decode step's quantized linears (one token: a static row) get ``GEMV``; prefill's
@@ -94,7 +94,24 @@ def gpu_rules() -> list:
                 target = tvm.target.Target(cfg)
             return super().apply(func, target, tunable)
 
-    return [SimtMatmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
+    class AttentionSafeReduction(dl.gpu.Reduction):
+        """dlight's Reduction rule accepts the attention-score kernel (``qk`` +
+        ``masked_scores``) of some head layouts (SmolLM2's 9 heads over 3 KV heads), but its
+        schedule then fails to lower in TVM 0.27 ("Cross-thread reduction requires all the
+        reduction-related loops to be the deepest ..."); that kernel goes to the next rule,
+        ``GeneralReduction``, which lowers."""
+
+        def apply(self, func, target, tunable):
+            from .schedules import has_block
+
+            if has_block(func, "masked_scores"):
+                return None
+            return super().apply(func, target, tunable)
+
+    from .schedules import CudaGEMV
+
+    course = [CudaGEMV()] if gemv == "course" else []  # falls through to dlight's GEMV
+    return [SimtMatmul(), *course, dl.gpu.GEMV(), AttentionSafeReduction(), dl.gpu.GeneralReduction(),
             dl.gpu.Fallback()]
 
 
@@ -115,8 +132,16 @@ def schedule_report(mod, target) -> dict[str, str]:
     return report
 
 
-def pipeline_stages(target) -> list[tuple[str, list]]:
-    """The course's pipeline as (stage name, passes)."""
+GEMV_CHOICES = ("course", "dlight")
+
+
+def pipeline_stages(target, gemv: str = "dlight") -> list[tuple[str, list]]:
+    """The course's pipeline as (stage name, passes).
+
+    ``gemv`` (GPU only) picks the schedule of the decode step's quantized linears: the
+    course's own (:func:`mlc_course.schedules.cuda_gemv_schedule`) or stock dlight's."""
+    if gemv not in GEMV_CHOICES:
+        raise ValueError(f"gemv must be one of {GEMV_CHOICES}, got {gemv!r}")
     import tvm.s_tir.dlight as dl
     from tvm import relax
 
@@ -125,7 +150,7 @@ def pipeline_stages(target) -> list[tuple[str, list]]:
     fuse = [relax.transform.FuseOps(), relax.transform.FuseTIR(),
             relax.transform.DeadCodeElimination()]
     if is_gpu(target):
-        rules = gpu_rules()
+        rules = gpu_rules(gemv)
     else:
         from .schedules import CpuGEMV
 
@@ -142,7 +167,8 @@ def pipeline_stages(target) -> list[tuple[str, list]]:
     return [("legalize", legalize), ("fuse", fuse), ("schedule", schedule), ("lower", lower)]
 
 
-def run_stages(mod, target, upto: str | None = None, log=None, cuda_graph: bool = False):
+def run_stages(mod, target, upto: str | None = None, log=None, cuda_graph: bool = False,
+               gemv: str = "dlight"):
     """Apply the pipeline's stages to ``mod`` (up to and including ``upto``).
 
     ``cuda_graph`` (GPU only): ``RewriteCUDAGraph`` captures the static parts of each call
@@ -150,7 +176,7 @@ def run_stages(mod, target, upto: str | None = None, log=None, cuda_graph: bool 
     import tvm
 
     config = {"relax.backend.use_cuda_graph": True} if cuda_graph and is_gpu(target) else {}
-    for name, passes in pipeline_stages(target):
+    for name, passes in pipeline_stages(target, gemv):
         t0 = time.time()
         with target, tvm.transform.PassContext(opt_level=3, config=config):
             mod = tvm.transform.Sequential(passes)(mod)
@@ -161,23 +187,23 @@ def run_stages(mod, target, upto: str | None = None, log=None, cuda_graph: bool 
     return mod
 
 
-def pipeline(target, log=None, cuda_graph: bool = False):
+def pipeline(target, log=None, cuda_graph: bool = False, gemv: str = "dlight"):
     """The whole pipeline as one module pass, for ``tvm.compile(relax_pipeline=...)``."""
     import tvm
 
     @tvm.transform.module_pass(opt_level=0)
     def _pipeline(mod, _ctx):
-        return run_stages(mod, target, log=log, cuda_graph=cuda_graph)
+        return run_stages(mod, target, log=log, cuda_graph=cuda_graph, gemv=gemv)
 
     return _pipeline
 
 
-def compile_module(mod, target, log=None, cuda_graph: bool = False):
+def compile_module(mod, target, log=None, cuda_graph: bool = False, gemv: str = "dlight"):
     """Compile a Relax IRModule with the course pipeline; returns the VM executable."""
     import tvm
 
     t0 = time.time()
-    ex = tvm.compile(mod, target=target, relax_pipeline=pipeline(target, log, cuda_graph))
+    ex = tvm.compile(mod, target=target, relax_pipeline=pipeline(target, log, cuda_graph, gemv))
     if log:
         log(f"  codegen + link {time.time() - t0:6.1f} s in all")
     return ex

@@ -16,8 +16,18 @@ load into a strided gather (and made LLVM run for minutes on this model). The ru
 
 from __future__ import annotations
 
+import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
+
+
+def has_block(func: tirx.PrimFunc, name: str) -> bool:
+    """Whether ``func`` has a block called ``name`` (TE op names survive fusion)."""
+    try:
+        s_tir.Schedule(func).get_sblock(name)
+        return True
+    except Exception:
+        return False
 
 
 def _is_gemv_func(func: tirx.PrimFunc) -> bool:
@@ -112,17 +122,18 @@ def cuda_gemv_schedule(func: tirx.PrimFunc, rows_per_block: int = 8, threads_k: 
     sch.bind(bx, "blockIdx.x")
     sch.bind(ty, "threadIdx.y")
     sch.bind(rtx, "threadIdx.x")
-    # vector loads of the packed weights (and the scale of the group) into registers
-    for idx in range(1, len(sch.get(rf).reads)):
-        try:
-            cache = sch.cache_read(rf, read_buffer_index=idx, storage_scope="local")
-            sch.compute_at(cache, rko, preserve_unit_loops=True)
-            loops = sch.get_loops(cache)
-            inner = loops[-1]
-            if int(sch.get(inner).extent) > 1:
-                sch.vectorize(inner)
-        except Exception:
-            pass
+    # vector loads (at most 16 bytes each) of the activations, the packed weights and the
+    # group's scale into registers
+    for idx in range(len(sch.get(rf).reads)):
+        cache = sch.cache_read(rf, read_buffer_index=idx, storage_scope="local")
+        sch.compute_at(cache, rko, preserve_unit_loops=True)
+        inner = sch.get_loops(cache)[-1]
+        extent = int(sch.get(inner).extent)
+        lanes = max(1, 16 // (tvm.DataType(sch.get(cache).reads[0].source.dtype).bits // 8))
+        lanes = min(lanes, extent)
+        if extent > 1 and extent % lanes == 0:
+            _, vec_loop = sch.split(inner, factors=[None, lanes])
+            sch.vectorize(vec_loop)
     sch.unroll(rkv)
     sch.decompose_reduction(rf, rko)
     if unroll > 1:
@@ -137,12 +148,21 @@ def cuda_gemv_schedule(func: tirx.PrimFunc, rows_per_block: int = 8, threads_k: 
     sch.reorder(fo, fy, ftx)
     sch.bind(fy, "threadIdx.y")
     sch.bind(ftx, "threadIdx.x")
-    for consumer in sch.get_consumers(block):
+    # the epilogue chain (cast to the activation dtype, residual add, ...) runs in the same
+    # block, one row per threadIdx.y. The warp's sum is broadcast to every lane (shuffle), so
+    # the row's result and the epilogue's intermediates live in registers of every lane.
+    sch.set_scope(block, buffer_index=0, storage_scope="local")
+    todo = list(sch.get_consumers(block))
+    while todo:
+        consumer = todo.pop(0)
         sch.reverse_compute_at(consumer, bx, preserve_unit_loops=True)
         cl = sch.get_loops(consumer)
         _, cy = sch.split(sch.fuse(*cl[1:]), factors=[None, rows_per_block])
         sch.bind(cy, "threadIdx.y")
-        sch.set_scope(block, buffer_index=0, storage_scope="shared")
+        nxt = list(sch.get_consumers(consumer))
+        if nxt:
+            sch.set_scope(consumer, buffer_index=0, storage_scope="local")
+        todo += nxt
     return sch
 
 
@@ -155,7 +175,10 @@ class CudaGEMV(dl.ScheduleRule):
     def apply(self, func, target, _tunable):  # noqa: D401
         if target.kind.name != "cuda" or not isinstance(func, tirx.PrimFunc) or not _is_gemv_func(func):
             return None
-        try:
-            return cuda_gemv_schedule(func, **self.params)
-        except Exception:
-            return None
+        words = self.params.get("words_per_thread", 4)
+        for w in (words, 2, 1):  # narrower loads when K does not split into 16-byte steps
+            try:
+                return cuda_gemv_schedule(func, **{**self.params, "words_per_thread": w})
+            except Exception:
+                continue
+        return None

@@ -44,8 +44,10 @@ sys.path.insert(0, str(ROOT))
 # (model preset, quantization) compiled for the GPU run: tiny for correctness against the
 # NumPy reference, Llama-2-7B-shaped q4f16_1 for speed.
 # A third field "graph" compiles with CUDA graphs (RewriteCUDAGraph).
+# "dlight" compiles the decode GEMVs with stock dlight instead of the course's schedule.
 DEFAULT_MODELS = ["tiny:q4f16_1", "tiny:q0f32", "tiny:q0f16", "tiny:q4f16_1:graph",
-                  "llama2-7b:q4f16_1", "llama2-7b:q4f16_1:graph"]
+                  "llama2-7b:q4f16_1:graph", "llama2-7b:q4f16_1:graph:dlight", "llama2-7b:q0f16:graph",
+                  "llama2-7b:q4f16_1", "llama2-7b:q4f16_1:dlight"]
 
 # Parts of the installed tvm package a runtime-only import does not need.
 TVM_EXCLUDE_DIRS = {"3rdparty", "src", "web", "include", "cmake", "lib64", "licenses", "__pycache__"}
@@ -163,11 +165,12 @@ def build_libraries(out: Path, models: list[str], device: str, log) -> dict:
     for item in models:
         name, scheme, *opts = item.split(":")
         graph = "graph" in opts
+        gemv = "dlight" if "dlight" in opts else "course"
         cfg = get_preset(name)
-        log(f"compiling {name} {scheme} for {arch}{' with CUDA graphs' if graph else ''}")
+        log(f"compiling {name} {scheme} for {arch}{' with CUDA graphs' if graph else ''}, {gemv} GEMV")
         mod, named = export(cfg, scheme, 1)
-        ex = compile_module(mod, target, cuda_graph=graph)
-        lib = f"{name}-{scheme}-{arch}{'-graph' if graph else ''}.so"
+        ex = compile_module(mod, target, cuda_graph=graph, gemv=gemv)
+        lib = f"{name}-{scheme}-{arch}{'-graph' if graph else ''}{'-dlight' if gemv == 'dlight' else ''}.so"
         ex.export_library(str(out / "lib" / lib))
         digests = []
         for src in cuda_sources(ex.mod):
@@ -184,7 +187,7 @@ def build_libraries(out: Path, models: list[str], device: str, log) -> dict:
             params_file = write_tiny_params(out, cfg, scheme, [n for n, _ in named])
         manifest["libraries"][lib] = {
             "params_file": params_file,
-            "model": name, "quantization": scheme, "shards": 1, "cuda_graph": graph,
+            "model": name, "quantization": scheme, "shards": 1, "cuda_graph": graph, "gemv": gemv,
             "config": cfg.to_dict(),
             "params": [[n, [int(d) for d in spec.shape], str(spec.dtype)] for n, spec in named],
             "cuda_source_sha256": digests,

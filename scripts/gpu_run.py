@@ -268,13 +268,19 @@ def llama_speed(carry: Path, manifest: dict, bandwidth: float, prompt_len: int, 
                 break
         loop = device_loop(eng, prompt, new_tokens)
         log(f"  decode calls without reading logits back: {loop:.2f} tok/s")
+        kernels = None
+        if not meta.get("cuda_graph") and time.time() < deadline:
+            kernels = kernel_profile(eng, prompt)
+            for k in kernels["top"][:8]:
+                log(f"    {k['kernel']:<40s} {k['us_per_token']:8.1f} us/token  {k['GBps']:7.0f} GB/s")
         eng.close()
         decode = sorted(x.decode_tok_per_s for x in results)[len(results) // 2]
         bpt = cfg.bytes_per_token(scheme)
         ceiling = bandwidth * 1e9 / bpt if bandwidth else None
         ctx = prompt_len + new_tokens / 2
         out.append({
-            "model": f"{cfg.name} (random weights)", "quantization": scheme, "shards": 1,
+            "model": cfg.name, "weights": "random (generated on the GPU machine)",
+            "quantization": scheme, "shards": 1, "gemv": meta.get("gemv", "dlight"),
             "decode_tok_per_s": round(decode, 2), "decode_tok_per_s_runs": [round(x.decode_tok_per_s, 2) for x in results],
             "prefill_tok_per_s": round(results[0].prefill_tok_per_s, 1), "prompt_tokens": prompt_len,
             "new_tokens": new_tokens, "bytes_per_token": bpt,
@@ -284,10 +290,12 @@ def llama_speed(carry: Path, manifest: dict, bandwidth: float, prompt_len: int, 
             "fraction_of_ceiling": round(decode / ceiling, 4) if ceiling else None,
             "decode_tok_per_s_device_loop": round(loop, 2),
             "cuda_graph": bool(meta.get("cuda_graph")),
-            "engine": "mlc_course Engine (TVM 0.27 runtime, dlight GPU rules, "
-                      + ("CUDA graphs)" if meta.get("cuda_graph") else "no CUDA graph)"),
+            "engine": "mlc_course",
+            "engine_detail": f"TVM 0.27 runtime, {meta.get('gemv', 'dlight')} GEMV schedule, "
+                             + ("CUDA graphs" if meta.get("cuda_graph") else "no CUDA graph"),
             "library": lib,
-            "load_s": round(load_s, 1)})
+            "load_s": round(load_s, 1),
+            **({"kernels": kernels} if kernels else {})})
     return out
 
 
@@ -311,6 +319,53 @@ def device_loop(eng, prompt: list[int], n: int) -> float:
     dt = time.perf_counter() - t0
     eng.reset()
     return n / dt
+
+
+def kernel_profile(eng, prompt: list[int], steps: int = 16) -> dict:
+    """Time every call the decode function makes (the VM's instrument hook, a device sync
+    around each call): top kernels by time per token, and the GB/s each reads (its argument
+    and output bytes over its time). Syncs add a few us per call, so the sum exceeds the
+    real step time; the ranking and the GEMV bandwidths are what this is for."""
+    import numpy as np
+
+    r, tvm = eng.runner, eng.runner.tvm
+    dev = r.dev
+    stats: dict[str, list] = {}
+    state = {"t": 0.0}
+
+    def instrument(func, name, before, ret, *args):
+        dev.sync()
+        if before:
+            state["t"] = time.perf_counter()
+            return 0
+        dt = time.perf_counter() - state["t"]
+        nbytes = sum(int(np.prod(a.shape)) * tvm.DataType(str(a.dtype)).bits // 8
+                     for a in args if hasattr(a, "shape") and hasattr(a, "dtype"))
+        st = stats.setdefault(str(name), [0.0, 0, 0])
+        st[0] += dt
+        st[1] += 1
+        st[2] = nbytes
+        return 0
+
+    eng.reset()
+    eng.prefill(prompt)
+    ids = tvm.runtime.tensor(np.array([[1]], dtype="int32"), dev)
+    seq = len(prompt)
+    r.vm.set_instrument(instrument)
+    try:
+        for _ in range(steps):
+            seq += 1
+            out = r.vm["decode"](ids, tvm.runtime.ShapeTuple([seq]), r.effects, r.params)
+            r.effects = out[1]
+    finally:
+        r.vm.set_instrument(None)
+    eng.reset()
+    rows = [{"kernel": k, "us_per_token": round(v[0] / steps * 1e6, 1), "calls_per_token": v[1] // steps,
+             "GBps": round(v[2] * (v[1] / steps) / (v[0] / steps) / 1e9, 1) if v[0] else 0.0}
+            for k, v in stats.items()]
+    rows.sort(key=lambda x: -x["us_per_token"])
+    total = sum(x["us_per_token"] for x in rows)
+    return {"steps": steps, "sum_us_per_token_with_syncs": round(total, 1), "top": rows[:15]}
 
 
 def transformers_peer(cfg_dict: dict, bandwidth: float, prompt_len: int, new_tokens: int) -> dict:

@@ -100,3 +100,28 @@ def test_gpu_results_schema():
         missing = [k for k in REQUIRED_KEYS if k not in rec]
         assert not missing, (rec.get("model"), missing)
         assert rec["decode_tok_per_s"] > 0 and 0 < rec["fraction_of_ceiling"] < 1.5
+
+
+def test_course_cuda_gemv_keeps_the_epilogue_in_the_kernel():
+    """The course's CUDA GEMV schedule moves the whole epilogue chain (cast, residual add)
+    into the kernel: a host-side loop over GPU memory would crash at run time."""
+    import tvm
+    from tvm import te
+
+    from mlc_course.compile import get_target
+    from mlc_course.quantization import te_linear
+    from mlc_course.schedules import cuda_gemv_schedule
+
+    n, k = 128, 256
+    x = te.placeholder((1, 1, k), "float16", name="x")
+    res = te.placeholder((1, 1, n), "float16", name="res")
+    qw = te.placeholder((n, k // 8), "uint32", name="qw")
+    qs = te.placeholder((n, k // 32), "float16", name="qs")
+    y = te_linear(x, (qw, qs), "q4f16_1", "float16")
+    z = te.compute((1, 1, n), lambda a, b, c: y[a, b, c] + res[a, b, c], name="T_add")
+    sch = cuda_gemv_schedule(te.create_prim_func([x, qw, qs, res, z]), words_per_thread=1)
+    lib = tvm.compile(sch.mod, target=get_target("h100"))
+    src = lib.mod.imports[0].inspect_source()
+    kernel = src[src.index('extern "C" __global__'):]
+    assert "T_add_ptr[" in kernel and "__shfl_down_sync" in kernel
+    assert "uint4" in src or "qw_local_ptr" in kernel
