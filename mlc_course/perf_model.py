@@ -84,10 +84,14 @@ PARAMETERS: dict[str, Param] = {
                             "design.md"),
     "t_step.mlc-2023": Param(0.0, "s", "none: MLC's per-token host work is inside the fitted "
                              "alpha0 and eta"),
-    "t_step.course": Param(1.12e-3, "s", "calibrated: the course Engine's Llama-2-7B q4 decode on one "
-                           "H100, eager (228.7 tok/s = 4.37 ms/token, data/results/gpu_h100.json), "
-                           "minus the model's weights + KV + kernels for that step (3.25 ms): the "
-                           "Python loop, VM dispatch, logits copy and sampling of each token"),
+    "t_layer.course.eager": Param(136.6e-6, "s", "calibrated: the course Engine's Llama-2-7B q4 decode "
+                                  "on one H100 without CUDA graphs (228.7 tok/s = 4.37 ms/token over "
+                                  "32 layers, data/results/gpu_h100.json). The engine is host-bound: the "
+                                  "VM makes ~2850 calls per token (kernels, allocations, KV-cache "
+                                  "builtins; the kernel profile in data/results/gpu_h200.json), and an "
+                                  "H200 with 36% more bandwidth decodes at the same speed"),
+    "t_layer.course.graph": Param(119.1e-6, "s", "calibrated: the same with CUDA graphs (262.3 tok/s = "
+                                  "3.81 ms/token over 32 layers, data/results/gpu_h100.json)"),
     # --- links: alpha0 (fixed cost of one all-reduce), alpha_hop, beta ---------------------
     "nvlink.alpha0.graph": Param(8.6e-6, "s", "measured: 2x H100 NVLink fp16 all-reduce of 4-32 KB, "
                                  "9-10 us in a CUDA graph, minus 2 hops x 0.47 us, design.md"),
@@ -231,14 +235,22 @@ def predict(model_preset, scheme: str, gpu: str, n: int, link: str | None = None
     t_ar = n_coll * allreduce_latency(n, link, cuda_graph, 2 * cfg.hidden_size, nodes)
     kernels = cfg.num_layers * param("kernels_per_layer") + param("kernels_fixed")
     t_k = kernels * param(f"t_kernel.{'graph' if cuda_graph else 'eager'}")
-    t_host = param(f"t_step.{engine}")
-    t = t_w + t_kv + t_ar + t_k + t_host
+    t_gpu = t_w + t_kv + t_ar + t_k
+    if engine == "course":
+        # The host issues the step's calls while the GPU runs earlier ones: whichever is
+        # slower sets the pace.
+        t_host = cfg.num_layers * param(f"t_layer.course.{'graph' if cuda_graph else 'eager'}")
+        t = max(t_gpu, t_host)
+    else:
+        t_host = 0.0  # MLC's per-token host work is inside its fitted alpha0 and eta
+        t = t_gpu
     breakdown = {"weights": t_w * 1e3, "kv_cache": t_kv * 1e3, "allreduce": t_ar * 1e3,
                  "kernel_launch": t_k * 1e3, "host": t_host * 1e3}
     info = {"model": cfg.name, "scheme": scheme, "gpu": gpu, "n": n, "nodes": nodes, "link": link,
             "cuda_graph": cuda_graph, "engine": engine, "context": context, "eta": eta,
             "effective_bandwidth_GBps": bw / 1e9, "bytes_per_device": per_device,
             "collectives_per_token": n_coll, "kernels_per_token": kernels,
+            "bound": "host" if t_host > t_gpu else "gpu",
             "ceiling_tok_per_s": n * base / total}
     return Prediction(1.0 / t, t * 1e3, breakdown, info)
 
@@ -352,23 +364,24 @@ def _parse_record(r: dict) -> dict | None:
     return {"preset": preset, "scheme": m.group(0), "cuda_graph": bool(graph)}
 
 
-def is_calibration_record(k: dict, shards: int) -> bool:
-    """The record ``t_step.course`` was derived from (1 GPU, Llama-2-7B q4, eager)."""
-    return shards == 1 and k["preset"] == "llama2-7b" and k["scheme"] == "q4f16_1" \
-        and not k["cuda_graph"]
+def is_calibration_record(k: dict, shards: int, gpu: str = "H100-SXM", graph: bool | None = False) -> bool:
+    """A record the ``t_layer.course.*`` parameters were derived from: 1 H100, Llama-2-7B q4
+    (``graph=False``: the eager one, ``True``: the CUDA-graph one, ``None``: either)."""
+    return shards == 1 and gpu == "H100-SXM" and k["preset"] == "llama2-7b" and k["scheme"] == "q4f16_1" \
+        and (graph is None or bool(k["cuda_graph"]) == graph)
 
 
 def calibrate_host_overhead(records: list[dict] | None = None) -> float | None:
-    """Recompute ``t_step.course`` (seconds) from the calibration record of the results
-    files: its ms/token minus the model's other terms. None if there is no such record."""
+    """Recompute ``t_layer.course.eager`` (seconds per layer) from the calibration record of
+    the results files: its time per token over the layer count. None if there is no such
+    record."""
+    from .config import get_preset
+
     for r in load_gpu_results() if records is None else records:
         k = _parse_record(r)
-        if k is None or not is_calibration_record(k, int(r["shards"])):
+        if k is None or not is_calibration_record(k, int(r["shards"]), _gpu_key(r.get("gpu", "H100"))):
             continue
-        ctx = int(r.get("prompt_tokens", 128)) + int(r.get("new_tokens", 256)) // 2
-        p = predict(k["preset"], k["scheme"], _gpu_key(r.get("gpu", "H100")), 1, link="nvlink",
-                    cuda_graph=False, engine="course", context=ctx)
-        return 1.0 / float(r["decode_tok_per_s"]) - (p.ms_per_token / 1e3 - param("t_step.course"))
+        return 1.0 / float(r["decode_tok_per_s"]) / get_preset(k["preset"]).num_layers
     return None
 
 
@@ -396,7 +409,7 @@ def gpu_comparison(records: list[dict] | None = None) -> list[dict]:
                      "predicted": p.tok_per_s,
                      "error": p.tok_per_s / float(r["decode_tok_per_s"]) - 1,
                      "cuda_graph": k["cuda_graph"], "breakdown": p.breakdown,
-                     "calibration": is_calibration_record(k, int(r["shards"])),
+                     "calibration": is_calibration_record(k, int(r["shards"]), gpu, graph=None),
                      "in_scope": p.breakdown["weights"] >= SCOPE_MIN_WEIGHT_SHARE * p.ms_per_token})
     return rows
 

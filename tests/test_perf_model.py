@@ -99,7 +99,7 @@ def test_gpu_records_parsed_and_compared():
     assert rows[0]["gpu"] == "H100-SXM" and abs(rows[0]["error"]) < 0.05 and rows[0]["in_scope"]
     toy = pm.gpu_comparison([dict(recs[0], model="tiny", shards=2)])
     assert len(toy) == 1 and not toy[0]["in_scope"]
-    assert pm.calibrate_host_overhead(recs) == pytest.approx(pm.param("t_step.course"), rel=0.05)
+    assert pm.calibrate_host_overhead(recs) == pytest.approx(pm.param("t_layer.course.eager"), rel=0.05)
 
 
 def test_gpu_results_within_25_percent():
