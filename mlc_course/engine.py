@@ -158,7 +158,19 @@ class DiscoRunner:
             if session == "thread":
                 self.sess = ds.ThreadedSession(num_workers=shards)
             else:
-                self.sess = ds.ProcessSession(num_workers=shards, entrypoint="mlc_course.disco_worker")
+                # each worker process gets its share of the cores (it inherits this variable)
+                import os
+
+                cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+                saved = os.environ.get("TVM_NUM_THREADS")
+                os.environ["TVM_NUM_THREADS"] = str(max(1, cores // shards))
+                try:
+                    self.sess = ds.ProcessSession(num_workers=shards, entrypoint="mlc_course.disco_worker")
+                finally:
+                    if saved is None:
+                        os.environ.pop("TVM_NUM_THREADS", None)
+                    else:
+                        os.environ["TVM_NUM_THREADS"] = saved
             init_ccl(self.sess, shards, device)
             self.mod = self.sess.load_vm_module(str(lib_path))
             loader = self.sess.get_global_func("mlc_course.load_worker_params")

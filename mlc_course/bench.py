@@ -1,0 +1,260 @@
+"""Decode benchmark on this machine's CPU, next to its bandwidth ceiling.
+
+``run_cpu_bench`` measures what notebook 01 predicts: single-batch decode reads every weight
+once per token, so ``tok/s <= bandwidth / bytes per token``. For each scheme it runs the
+compiled engine greedily on a fixed prompt (after a warm-up; median of a few runs) and
+reports decode tok/s, the weight bytes a decode step reads (``LlamaConfig.bytes_per_token``),
+the ceiling from this CPU's measured memory bandwidth
+(:func:`mlc_course.hardware.measure_cpu_bandwidth`, one NumPy copy on one core) and the
+fraction of it reached. The independent NumPy reference (:class:`~mlc_course.reference.
+ReferenceLlama`, float32 weights) is timed in the same run, as the baseline a reader could
+write without a compiler. ``python -m mlc_course bench`` writes the result to
+``data/results/cpu_bench.json``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+DEFAULT_PROMPT = "The history of the lighthouse begins"
+TINY_PROMPT_IDS = [1, 17, 42, 99, 5, 63, 7, 128]  # for models without a tokenizer
+
+
+def cpu_info() -> dict:
+    """CPU model name, core counts and LLVM's name for it."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    from .compile import host_cpu
+
+    return {"cpu": name, "cores": os.cpu_count() or 1, "usable_cores": _usable_cores(),
+            "llvm_cpu": host_cpu(), "platform": platform.platform()}
+
+
+def measure_all_cores_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 7,
+                                threads: int | None = None) -> float:
+    """Read bandwidth of all cores together, GB/s: ``threads`` NumPy threads (default: the
+    usable cores) each sum their own ``nbytes / threads`` buffer at the same time (NumPy
+    releases the GIL inside the loop); wall clock, the best of ``repeats`` after a warm-up
+    (as STREAM reports it: on a shared machine a neighbour can only make a run slower).
+
+    :func:`mlc_course.hardware.measure_cpu_bandwidth` measures one core; a multi-threaded
+    kernel can read faster than that (on the course's 2-core VM about 35 against 25 GB/s).
+    """
+    import threading
+
+    import numpy as np
+
+    threads = threads or _usable_cores()
+    bufs = [np.ones(max(1, nbytes // threads // 4), dtype=np.float32) for _ in range(threads)]
+
+    def once() -> float:
+        workers = [threading.Thread(target=b.sum) for b in bufs]
+        t0 = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        return time.perf_counter() - t0
+
+    once()
+    t = min(once() for _ in range(repeats))
+    return sum(b.nbytes for b in bufs) / t / 1e9
+
+
+def tvm_num_threads() -> int | None:
+    """Threads of TVM's CPU thread pool in this process. TVM takes ``TVM_NUM_THREADS`` if
+    set, else on x86 *half* the cores it sees (it assumes hyper-threading): 1 on a 2-core VM."""
+    try:
+        import tvm
+
+        return int(tvm.get_global_func("runtime.NumThreads")())
+    except Exception:
+        return None
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+def _load_average() -> float | None:
+    """1-minute load average (None where the OS has none): runnable jobs competing for cores."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
+def _prompt_ids(engine, prompt: str) -> list[int]:
+    if engine.tokenizer is None:
+        return list(TINY_PROMPT_IDS)
+    return engine.encode_prompt(prompt)
+
+
+def time_engine_decode(engine, prompt_ids: list[int], new_tokens: int = 32, repeats: int = 3,
+                       warmup_tokens: int = 4) -> dict:
+    """Greedy generation of exactly ``new_tokens`` (no stop at EOS), timed ``repeats`` times
+    after a short warm-up; decode and prefill tok/s as medians."""
+    engine.generate(prompt_ids, max_new_tokens=warmup_tokens, stop_ids=())
+    runs = [engine.generate(prompt_ids, max_new_tokens=new_tokens, stop_ids=())
+            for _ in range(repeats)]
+    return {"decode_tok_per_s": statistics.median(r.decode_tok_per_s for r in runs),
+            "decode_tok_per_s_runs": [round(r.decode_tok_per_s, 2) for r in runs],
+            "prefill_tok_per_s": statistics.median(r.prefill_tok_per_s for r in runs),
+            "output_ids": runs[0].output_ids}
+
+
+def time_reference_decode(reference, prompt_ids: list[int], steps: int = 8,
+                          blas_threads: int | None = 1) -> dict:
+    """Decode tok/s of the NumPy reference: prefill the prompt, then ``steps`` greedy
+    decode steps, timed together (one warm-up step first).
+
+    BLAS runs on ``blas_threads`` threads (1 by default): on a small shared machine
+    OpenBLAS's threaded GEMV spends milliseconds waking its threads, 50x the time of the
+    1536 x 576 GEMV itself (measured on the course's 2-core VM).
+    """
+    import numpy as np
+
+    from .hardware import blas_threads as _blas_threads
+
+    with _blas_threads(blas_threads) as pinned:
+        reference.reset()
+        logits = reference.prefill(prompt_ids)
+        tok = int(np.argmax(logits))
+        reference.decode(tok)  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            tok = int(np.argmax(reference.decode(tok)))
+        dt = time.perf_counter() - t0
+    return {"decode_tok_per_s": steps / dt, "steps": steps,
+            "blas_threads": blas_threads if pinned else None}
+
+
+def run_cpu_bench(model: str = "smollm2-135m", schemes: Sequence[str] = ("q0f32", "q4f32_1"),
+                  new_tokens: int = 32, out: str | Path | None = "data/results/cpu_bench.json",
+                  prompt: str = DEFAULT_PROMPT, repeats: int = 3, reference_steps: int = 8,
+                  bandwidth_GBps: float | None = None, log=None) -> dict:
+    """Benchmark single-batch decoding on the CPU; returns (and writes to ``out``) a dict:
+
+    ``model, date, command, machine{cpu, cores, usable_cores, llvm_cpu, platform,
+    tvm_threads}, bandwidth_GBps{copy, read, read_all_cores}, bandwidth_GBps_runs,
+    load_average_1min{before, after}, prompt, prompt_tokens, new_tokens, repeats,
+    results[...], reference{...}``. ``results`` has one entry per scheme: ``{quantization,
+    bytes_per_token, decode_tok_per_s, decode_tok_per_s_runs, prefill_tok_per_s,
+    ceiling_tok_per_s, fraction_of_ceiling, ceiling_all_cores_tok_per_s, output_ids}``;
+    ``reference`` the same numbers for the NumPy float32 reference (``decode_tok_per_s,
+    steps, blas_threads, bytes_per_token, ceiling_tok_per_s, fraction_of_ceiling``).
+
+    The ceiling uses the one-core copy bandwidth of
+    :func:`~mlc_course.hardware.measure_cpu_bandwidth`, measured before and after the runs,
+    the better of the two (a busy neighbour can only lower it); ``bandwidth_GBps`` overrides
+    it. ``ceiling_all_cores_tok_per_s`` uses the read bandwidth of all cores together, the
+    limit for an engine whose kernels use every core (``machine.tvm_threads`` tells how many
+    threads TVM's kernels had). On a machine shared with other jobs every speed drops: the
+    load average is recorded so that a reader can tell.
+    """
+    from .engine import Engine
+    from .hardware import ceiling_tok_per_s, measure_cpu_bandwidth
+    from .reference import ReferenceLlama
+
+    log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+    schemes = list(schemes)
+    if not schemes:
+        raise ValueError("give at least one quantization scheme")
+    if new_tokens < 2:
+        raise ValueError("new_tokens must be at least 2 (the first token comes from prefill)")
+
+    def measure_bandwidth() -> dict:
+        return {"copy": measure_cpu_bandwidth(kind="copy"), "read": measure_cpu_bandwidth(kind="read"),
+                "read_all_cores": measure_all_cores_bandwidth()}
+
+    load_before = _load_average()
+    if load_before is not None and load_before > 0.5:
+        log(f"note: load average {load_before:.1f}: other work on this machine lowers the numbers")
+    log("measuring memory bandwidth ...")
+    bw_runs = [measure_bandwidth()]
+    result: dict = {
+        "model": model, "date": _dt.date.today().isoformat(),
+        "command": "python -m mlc_course bench " + " ".join(f"--quantization {s}" for s in schemes)
+        + f" --new-tokens {new_tokens}",
+        "machine": cpu_info(),
+        "ceiling_uses": "copy" if bandwidth_GBps is None else "given",
+        "prompt": prompt, "new_tokens": new_tokens, "repeats": repeats, "results": [],
+    }
+    source = prompt_ids = None
+    timings = []
+    for scheme in schemes:
+        log(f"benchmarking {model} {scheme} ...")
+        with Engine(model, scheme, quiet=True) as eng:
+            if prompt_ids is None:
+                prompt_ids, source = _prompt_ids(eng, prompt), eng.source
+                if eng.tokenizer is None:
+                    result["prompt"] = None
+                result["prompt_tokens"] = len(prompt_ids)
+            timings.append(time_engine_decode(eng, prompt_ids, new_tokens, repeats))
+        log(f"  {timings[-1]['decode_tok_per_s']:.1f} tok/s")
+    log("timing the NumPy reference ...")
+    ref = ReferenceLlama(source.config, source.load_params())
+    rt = time_reference_decode(ref, prompt_ids, reference_steps)
+    del ref
+    log("measuring memory bandwidth again ...")
+    bw_runs.append(measure_bandwidth())
+    # a neighbour's work can only lower a measurement: the ceiling takes the best one
+    bw = {k: max(r[k] for r in bw_runs) for k in bw_runs[0]}
+    bw_used = bandwidth_GBps or bw["copy"]
+    result["machine"]["tvm_threads"] = tvm_num_threads()
+    result["load_average_1min"] = {"before": load_before, "after": _load_average()}
+    result["bandwidth_GBps"] = {k: round(v, 2) for k, v in bw.items()}
+    result["bandwidth_GBps_runs"] = [{k: round(v, 2) for k, v in r.items()} for r in bw_runs]
+    for scheme, timing in zip(schemes, timings):
+        nbytes = source.config.bytes_per_token(scheme)
+        ceiling = ceiling_tok_per_s(nbytes, bw_used)
+        result["results"].append({
+            "quantization": scheme, "bytes_per_token": nbytes,
+            "decode_tok_per_s": round(timing["decode_tok_per_s"], 2),
+            "decode_tok_per_s_runs": timing["decode_tok_per_s_runs"],
+            "prefill_tok_per_s": round(timing["prefill_tok_per_s"], 2),
+            "ceiling_tok_per_s": round(ceiling, 2),
+            "fraction_of_ceiling": round(timing["decode_tok_per_s"] / ceiling, 4),
+            "ceiling_all_cores_tok_per_s": round(ceiling_tok_per_s(nbytes, bw["read_all_cores"]), 2),
+            "output_ids": timing["output_ids"]})
+        log(f"{scheme}: {timing['decode_tok_per_s']:.1f} tok/s of a {ceiling:.0f} tok/s ceiling")
+    nbytes = source.config.bytes_per_token("q0f32")
+    ceiling = ceiling_tok_per_s(nbytes, bw_used)
+    result["reference"] = {"decode_tok_per_s": round(rt["decode_tok_per_s"], 2),
+                           "steps": rt["steps"], "blas_threads": rt["blas_threads"],
+                           "bytes_per_token": nbytes,
+                           "ceiling_tok_per_s": round(ceiling, 2),
+                           "fraction_of_ceiling": round(rt["decode_tok_per_s"] / ceiling, 4)}
+    log(f"NumPy reference: {rt['decode_tok_per_s']:.1f} tok/s")
+    if out:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def load_results(path: str | Path | None = None) -> dict:
+    """The saved CPU benchmark (``data/results/cpu_bench.json`` by default)."""
+    default = Path(__file__).resolve().parent.parent / "data" / "results" / "cpu_bench.json"
+    path = Path(path) if path else default
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: missing; run `python -m mlc_course bench`")
+    return json.loads(path.read_text())
