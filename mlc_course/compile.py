@@ -276,3 +276,15 @@ def build_model(cfg, scheme: str, shards: int = 1, device: str = "cpu", *, targe
     tmp.replace(path)
     log(f"compiled in {time.time() - t0:.1f} s")
     return path
+
+
+def cuda_sources(lib_module) -> list[str]:
+    """The CUDA C++ source of every CUDA module a compiled library imports (TVM 0.27 keeps
+    kernels as source and compiles them when the library is loaded)."""
+    out, stack = [], [lib_module]
+    while stack:
+        m = stack.pop()
+        if m.kind == "cuda":
+            out.append(m.inspect_source(""))
+        stack.extend(m.imports)
+    return out

@@ -124,17 +124,6 @@ def ffi_members(wheel: Path) -> list[str]:
         return keep
 
 
-def cuda_sources(lib_module) -> list[str]:
-    """The CUDA C++ source of every CUDA module imported by a compiled library."""
-    out, stack = [], [lib_module]
-    while stack:
-        m = stack.pop()
-        if m.kind == "cuda":
-            out.append(m.inspect_source(""))
-        stack.extend(m.imports)
-    return out
-
-
 def nvcc_fatbin(source: str, arch: str, out: Path) -> bool:
     if shutil.which("nvcc") is None:
         return False
@@ -153,7 +142,7 @@ def nvcc_command(arch: str, src: str, out: str) -> list[str]:
 
 def build_libraries(out: Path, models: list[str], device: str, log) -> dict:
     """Compile each model for ``device``; write lib/*.so, lib/manifest.json, fatbin/*."""
-    from mlc_course.compile import compile_module, get_target
+    from mlc_course.compile import compile_module, cuda_sources, get_target
     from mlc_course.config import get_preset
     from mlc_course.model import export
 

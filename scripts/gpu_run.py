@@ -408,7 +408,7 @@ def transformers_peer(cfg_dict: dict, bandwidth: float, prompt_len: int, new_tok
     torch.cuda.empty_cache()
     bpt = cfg.bytes_per_token("q0f16")
     ceiling = bandwidth * 1e9 / bpt
-    return {"model": f"{cfg.name} (random weights)", "quantization": "fp16 (q0f16)", "shards": 1,
+    return {"model": cfg.name, "weights": "random init", "quantization": "fp16 (q0f16)", "shards": 1,
             "decode_tok_per_s": round(tps, 2), "bytes_per_token": bpt, "bandwidth_GBps": round(bandwidth, 1),
             "ceiling_tok_per_s": round(ceiling, 1), "fraction_of_ceiling": round(tps / ceiling, 4),
             "prompt_tokens": prompt_len, "new_tokens": new_tokens,
