@@ -51,3 +51,14 @@ def test_smollm2_greedy_tokens_equal_reference(smollm_q0):
     ids = smollm_q0.encode_prompt("Name three primary colors.", chat=True)
     got = smollm_q0.generate(ids, max_new_tokens=16).output_ids
     assert got == ref.generate(ids, 16, eos=smollm_q0.tokenizer.eos_token_id)
+
+
+def test_smollm2_q4f32_1_first_8_tokens_equal_float32_over_dequantized_weights():
+    """The compiled q4f32_1 model computes what a float32 model over the dequantized weights
+    computes: the first greedy tokens agree."""
+    with Engine("smollm2-135m", "q4f32_1", quiet=True) as eng:
+        ref = ReferenceLlama(eng.config, _dequantized(eng.source.load_params(), "q4f32_1"))
+        for prompt, chat in [("Why is the sky blue?", True), ("The three laws of motion are", False)]:
+            ids = eng.encode_prompt(prompt, chat)
+            got = eng.generate(ids, max_new_tokens=8).output_ids
+            assert got == ref.generate(ids, 8, eos=eng.tokenizer.eos_token_id), prompt
