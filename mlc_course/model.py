@@ -263,41 +263,4 @@ def export(cfg: LlamaConfig, scheme: str, shards: int = 1):
     return mod, named_params
 
 
-def convert_params(hf: dict, cfg: LlamaConfig, scheme: str) -> dict:
-    """Hugging Face float32 weights -> this model's stored arrays (fused, quantized).
-
-    Q, K and V are stacked into one ``qkv_proj`` (rows: all Q heads, then K, then V) and gate
-    and up into ``gate_up_proj``; every linear, the embedding and an untied lm_head are
-    stored in ``scheme``; norms are kept in the activation dtype.
-    """
-    import numpy as np
-
-    from .quantization import quantize
-
-    s = get_scheme(scheme)
-
-    def store(prefix: str, w):
-        q_weight, q_scale = quantize(w, scheme)
-        if s.quantized:
-            return {f"{prefix}.q_weight": q_weight, f"{prefix}.q_scale": q_scale}
-        return {f"{prefix}.weight": q_weight}
-
-    missing = [n for n in cfg.param_shapes() if n not in hf]
-    if missing:
-        raise ValueError(f"weights are missing {len(missing)} tensors for {cfg.name}, e.g. {missing[:3]}")
-    out = dict(store("embed_tokens", hf["model.embed_tokens.weight"]))
-    for i in range(cfg.num_layers):
-        p, q = f"model.layers.{i}.", f"layers.{i}."
-        a = p + "self_attn."
-        out[q + "input_layernorm"] = hf[p + "input_layernorm.weight"].astype(s.float_dtype)
-        out[q + "post_attention_layernorm"] = hf[p + "post_attention_layernorm.weight"].astype(s.float_dtype)
-        qkv = np.concatenate([hf[a + "q_proj.weight"], hf[a + "k_proj.weight"], hf[a + "v_proj.weight"]])
-        out.update(store(q + "self_attn.qkv_proj", qkv))
-        out.update(store(q + "self_attn.o_proj", hf[a + "o_proj.weight"]))
-        m = p + "mlp."
-        out.update(store(q + "mlp.gate_up_proj", np.concatenate([hf[m + "gate_proj.weight"], hf[m + "up_proj.weight"]])))
-        out.update(store(q + "mlp.down_proj", hf[m + "down_proj.weight"]))
-    out["norm"] = hf["model.norm.weight"].astype(s.float_dtype)
-    if not cfg.tie_embeddings:
-        out.update(store("lm_head", hf["lm_head.weight"]))
-    return out
+from .weights import convert_params  # noqa: E402,F401  (lives with the weights: no TVM needed)

@@ -176,9 +176,12 @@ class CudaGEMV(dl.ScheduleRule):
         if target.kind.name != "cuda" or not isinstance(func, tirx.PrimFunc) or not _is_gemv_func(func):
             return None
         words = self.params.get("words_per_thread", 4)
-        for w in (words, 2, 1):  # narrower loads when K does not split into 16-byte steps
-            try:
-                return cuda_gemv_schedule(func, **{**self.params, "words_per_thread": w})
-            except Exception:
-                continue
+        threads = self.params.get("threads_k", 32)
+        # narrower loads, then fewer threads per row, when K does not split evenly
+        for tk in (threads, 16, 8):
+            for w in (words, 2, 1):
+                try:
+                    return cuda_gemv_schedule(func, **{**self.params, "words_per_thread": w, "threads_k": tk})
+                except Exception:
+                    continue
         return None
