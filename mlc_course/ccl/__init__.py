@@ -9,11 +9,14 @@ initialised with. A CCL is therefore just a set of global functions with those n
 ``recv_from_worker0``, ``send_to_worker``, ``recv_from_worker``, ``send_to_next_group``,
 ``recv_from_prev_group`` and ``sync_worker``.
 
-The wheel of apache-tvm ships NCCL/RCCL CCLs for GPUs only. This package builds a CPU one,
+TVM's own CCLs are for GPUs only (NCCL/RCCL). This package builds a CPU one,
 ``cpu_shm`` (``cpu_shm.cc``): the workers exchange data through one POSIX shared-memory segment
 and synchronise with futex barriers, so it serves both a :class:`ThreadedSession` (workers are
 threads) and a :class:`ProcessSession` (worker 0 is a thread of the controller, the others are
-processes). An NCCL plugin can later sit next to it (``nccl.cc``, built the same way).
+processes). Next to it sits an NCCL one for CUDA GPUs, ``mlc_nccl`` (``nccl.cc``, built and
+loaded the same way; :func:`init_nccl_ccl`), because the apache-tvm 0.27 wheel is built
+without NCCL. It opens libnccl and libcudart with dlopen when the session is initialised, so it
+builds with g++ alone and loads on machines without a GPU (CI checks its registrations).
 
 Typical use::
 
@@ -73,9 +76,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = [
-    "CCL_NAME", "LIB_NAME", "CCLBuildError", "CpuCCL",
+    "CCL_NAME", "LIB_NAME", "CCLBuildError", "CCLUnavailableError", "CpuCCL",
     "disco_session", "cache_dir", "build_cpu_ccl", "load_cpu_ccl", "init_cpu_ccl", "init_ccl",
     "benchmark_allreduce", "REDUCE_KINDS",
+    "NCCL_CCL_NAME", "NCCL_LIB_NAME", "NcclCCL", "nccl_build_info", "build_nccl_ccl",
+    "load_nccl_ccl", "init_nccl_ccl", "find_nccl_library", "find_cudart_library",
 ]
 
 #: Name under which the CPU CCL registers (``runtime.disco.cpu_shm.*``).
@@ -104,6 +109,13 @@ class CCLBuildError(RuntimeError):
     """The CCL library could not be compiled (no compiler, or the compiler failed)."""
 
 
+class CCLUnavailableError(NotImplementedError):
+    """This machine cannot run the requested CCL (no GPU for NCCL, no libnccl, ...).
+
+    Raised before any worker is touched: a failure inside a disco worker aborts its process.
+    """
+
+
 # ---------------------------------------------------------------------------------------------
 # TVM plumbing
 # ---------------------------------------------------------------------------------------------
@@ -124,6 +136,20 @@ def disco_session():
         tvm_ffi.init_ffi_api("runtime.disco", api.__name__)
     import tvm.runtime.disco.session as session_mod
 
+    # Runtime-only TVM (TVM_USE_RUNTIME_LIB=1, as on the lent GPU machines) loads
+    # libtvm_runtime_extra after `import tvm` has imported this module: its
+    # @register_object("runtime.disco.DRef") & co. were skipped (type unknown then), and DRefs
+    # come back as bare objects without debug_copy_from/debug_get_from_remote. Register now.
+    for key, cls in (("runtime.disco.DRef", session_mod.DRef),
+                     ("runtime.disco.Session", session_mod.Session),
+                     ("runtime.disco.ThreadedSession", session_mod.ThreadedSession),
+                     ("runtime.disco.ProcessSession", session_mod.ProcessSession),
+                     ("runtime.disco.SocketSession", session_mod.SocketSession)):
+        if "__tvm_ffi_type_info__" not in cls.__dict__:
+            try:
+                tvm_ffi.register_object(key)(cls)
+            except Exception:  # noqa: BLE001  (type still unknown: nothing to fix)
+                pass
     return session_mod
 
 
@@ -372,9 +398,9 @@ def init_cpu_ccl(session, num_workers: int | None = None, *, timeout_s: float | 
 def init_ccl(session, num_workers: int | None = None, device="cpu", **kwargs):
     """Give ``session`` the collective library that fits ``device`` ("cpu"/"cuda" or a Device).
 
-    CPU: :func:`init_cpu_ccl` (``kwargs`` go to it). CUDA: TVM's own NCCL CCL when the TVM
-    build has one (``runtime.disco.nccl.init_ccl``; the apache-tvm 0.27 wheel has none), else
-    an error: the course's NCCL plugin (``nccl.cc`` here) is not written yet.
+    CPU: :func:`init_cpu_ccl` (``kwargs`` go to it). CUDA: the course's NCCL plugin,
+    :func:`init_nccl_ccl` (``kwargs`` go to it); ``ccl="nccl"`` asks for TVM's own NCCL CCL
+    instead, which only TVM builds with NCCL have (the apache-tvm 0.27 wheel has none).
     """
     kind = device if isinstance(device, str) else {1: "cpu", 2: "cuda"}.get(
         int(getattr(device, "dlpack_device_type", lambda: device.device_type)()), str(device))
@@ -385,25 +411,29 @@ def init_ccl(session, num_workers: int | None = None, device="cpu", **kwargs):
     if kind in ("cpu", "llvm"):
         return init_cpu_ccl(session, n, **kwargs)
     if kind in ("cuda", "gpu", "nvidia"):
-        import tvm
+        if kwargs.pop("ccl", NCCL_CCL_NAME) == "nccl":
+            import tvm
 
-        if tvm.get_global_func("runtime.disco.nccl.init_ccl", allow_missing=True) is None:
-            raise NotImplementedError(
-                "no NCCL collective library: the apache-tvm wheel is built without NCCL "
-                "(runtime.disco.nccl.* is missing) and mlc_course.ccl has no NCCL plugin yet")
-        session.init_ccl("nccl", *range(n))
-        return "nccl"
+            if tvm.get_global_func("runtime.disco.nccl.init_ccl", allow_missing=True) is None:
+                raise NotImplementedError(
+                    "TVM's own NCCL CCL is missing (the apache-tvm wheel is built without NCCL): "
+                    f"use the course's plugin, ccl={NCCL_CCL_NAME!r} (the default)")
+            session.init_ccl("nccl", *range(n))
+            return "nccl"
+        return init_nccl_ccl(session, n, **kwargs)
     raise ValueError(f"no collective library for device {device!r}")
 
 
 def benchmark_allreduce(session, nbytes: int, dtype: str = "float32", iters: int = 100,
-                        warmup: int = 5) -> dict:
+                        warmup: int = 5, ccl: str = CCL_NAME) -> dict:
     """Time a sum all-reduce of ``nbytes`` on an initialised session.
 
     Returns ``{"end_to_end_us": ..., "in_worker_us": ...}``: the first drives each
     all-reduce from the controller through ``runtime.disco.allreduce`` (what a compiled model
     pays, dispatch included, one sync at the end); the second loops inside the workers
-    (``debug_bench_allreduce``), i.e. the CCL alone.
+    (``debug_bench_allreduce``), i.e. the CCL alone. ``ccl`` names the library the session
+    was initialised with (``cpu_shm``, or ``mlc_nccl``: then the buffer lives on the workers'
+    GPUs and the in-worker time comes from CUDA events).
     """
     import numpy as np
     from tvm_ffi import Shape
@@ -424,6 +454,259 @@ def benchmark_allreduce(session, nbytes: int, dtype: str = "float32", iters: int
         allreduce(buf, kind, False, buf)
     session._sync_worker(0)
     end_to_end = (time.perf_counter() - t0) / iters
-    bench = session.get_global_func(f"runtime.disco.{CCL_NAME}.debug_bench_allreduce")
+    bench = session.get_global_func(f"runtime.disco.{ccl}.debug_bench_allreduce")
     in_worker = float(bench(buf, iters).debug_get_from_remote(0))
     return {"end_to_end_us": end_to_end * 1e6, "in_worker_us": in_worker * 1e6}
+
+
+# ---------------------------------------------------------------------------------------------
+# The NCCL plugin (CUDA GPUs): nccl.cc, built and loaded the same way as the CPU one
+# ---------------------------------------------------------------------------------------------
+
+#: Name under which the NCCL plugin registers (``runtime.disco.mlc_nccl.*``).
+NCCL_CCL_NAME = "mlc_nccl"
+#: File name of the built NCCL plugin.
+NCCL_LIB_NAME = "libmlc_ccl_nccl.so"
+
+_NCCL_SOURCES = ("nccl.cc", "shim/tvm/support/io.h", "shim/tvm/support/serializer.h")
+_LOADED_NCCL: dict[str, object] = {}  # like _LOADED, for the NCCL plugin
+
+
+def _site_dirs() -> list[Path]:
+    """site-packages folders of this interpreter (where pip puts nvidia-* wheels)."""
+    import site
+
+    dirs = []
+    for d in [*sys.path, *getattr(site, "getsitepackages", lambda: [])(),
+              getattr(site, "getusersitepackages", lambda: "")()]:
+        if d and (d.endswith("site-packages") or d.endswith("dist-packages")):
+            dirs.append(Path(d))
+    return list(dict.fromkeys(dirs))
+
+
+def _first_existing(paths) -> Path | None:
+    for p in paths:
+        if p and Path(p).is_file():
+            return Path(p).resolve()
+    return None
+
+
+def _cuda_roots() -> list[Path]:
+    roots = [os.environ.get(v) for v in ("CUDA_HOME", "CUDA_PATH", "CUDA_ROOT")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        roots.append(str(Path(nvcc).resolve().parent.parent))
+    roots += ["/usr/local/cuda", *sorted(map(str, Path("/usr/local").glob("cuda-*")), reverse=True)]
+    return [Path(r) for r in dict.fromkeys(r for r in roots if r)]
+
+
+def nccl_build_info() -> dict:
+    """Where the NCCL plugin's build finds ``nccl.h`` and ``cuda_runtime_api.h`` (or None).
+
+    ``nccl.h``: ``$MLC_NCCL_INCLUDE``, ``$NCCL_HOME/include``, an installed ``nvidia-nccl-cu*``
+    wheel (``site-packages/nvidia/nccl/include``), the CUDA folders, ``/usr/include``.
+    ``cuda_runtime_api.h``: ``$CUDA_HOME`` & co., the folder above ``nvcc``, ``/usr/local/cuda*``,
+    the ``nvidia-cuda-runtime`` wheels. The headers only serve to check the plugin's own
+    declarations at compile time: without them it still builds (see nccl.cc, "Linking").
+    """
+    sites = _site_dirs()
+    cuda_incs = [r / "include" for r in _cuda_roots()] + [r / "targets/x86_64-linux/include"
+                                                          for r in _cuda_roots()]
+    nccl_dirs = [os.environ.get("MLC_NCCL_INCLUDE"),
+                 os.environ.get("NCCL_HOME") and str(Path(os.environ["NCCL_HOME"]) / "include"),
+                 *[str(s / "nvidia/nccl/include") for s in sites],
+                 *map(str, cuda_incs), "/usr/include"]
+    cuda_dirs = [*map(str, cuda_incs),
+                 *[str(s / sub) for s in sites
+                   for sub in ("nvidia/cu13/include", "nvidia/cuda_runtime/include")]]
+    nccl_h = _first_existing(Path(d) / "nccl.h" for d in nccl_dirs if d)
+    cuda_h = _first_existing(Path(d) / "cuda_runtime_api.h" for d in cuda_dirs if d)
+    return {"nccl_include": str(nccl_h.parent) if nccl_h else None,
+            "cuda_include": str(cuda_h.parent) if cuda_h else None}
+
+
+def find_nccl_library() -> str:
+    """Path of ``libnccl.so.2`` to hand to the plugin, or "" to let dlopen search.
+
+    ``$MLC_NCCL_LIBRARY``, else an ``nvidia-nccl-cu*`` wheel of this interpreter (PyTorch's
+    CUDA wheels depend on one), else the CUDA folders. The plugin tries the library the process
+    already has loaded, this path, then plain ``libnccl.so.2`` ($LD_LIBRARY_PATH, ldconfig).
+    """
+    env = os.environ.get("MLC_NCCL_LIBRARY")
+    if env:
+        return env
+    cands = [s / "nvidia/nccl/lib/libnccl.so.2" for s in _site_dirs()]
+    cands += [r / d / "libnccl.so.2" for r in _cuda_roots() for d in ("lib64", "lib")]
+    found = _first_existing(cands)
+    return str(found) if found else ""
+
+
+def find_cudart_library() -> str:
+    """Path of ``libcudart.so.13`` (CUDA 13, as TVM 0.27's CUDA runtime) or ""."""
+    env = os.environ.get("MLC_CUDART_LIBRARY")
+    if env:
+        return env
+    cands = [s / sub / "libcudart.so.13" for s in _site_dirs()
+             for sub in ("nvidia/cu13/lib", "nvidia/cuda_runtime/lib")]
+    cands += [r / d / "libcudart.so.13" for r in _cuda_roots() for d in ("lib64", "lib")]
+    found = _first_existing(cands)
+    return str(found) if found else ""
+
+
+def _nccl_build_key(cxx: str, tc: dict, flags: list[str], headers: dict) -> str:
+    h = hashlib.sha256()
+    for rel in _NCCL_SOURCES:
+        h.update(rel.encode() + b"\0" + (_HERE / rel).read_bytes() + b"\0")
+    for inc, name in ((headers.get("nccl_include"), "nccl.h"),
+                      (headers.get("cuda_include"), "cuda_runtime_api.h")):
+        if inc:
+            h.update((Path(inc) / name).read_bytes())
+    for part in (tc["tvm_version"], tc["ffi_version"], _compiler_id(cxx), " ".join(flags),
+                 NCCL_CCL_NAME, *tc["includes"][1:], *tc["libdirs"], sys.platform,
+                 os.uname().machine):
+        h.update(str(part).encode() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def build_nccl_ccl(verbose: bool = False, force: bool = False, headers: str | bool = "auto"
+                   ) -> Path:
+    """Compile the NCCL plugin if it is not in the cache yet; return the path of the library.
+
+    It needs g++ and the tvm/tvm-ffi wheels only: libnccl and libcudart are opened at run time.
+    ``headers``: "auto" compiles against the real ``nccl.h``/``cuda_runtime_api.h`` when
+    :func:`nccl_build_info` finds both (the compiler then checks every NCCL/CUDA signature the
+    plugin uses), True requires them (:class:`CCLBuildError` if absent), False never uses them.
+    Cached under ``<cache>/ccl/<hash>/libmlc_ccl_nccl.so`` like :func:`build_cpu_ccl`.
+    """
+    cxx = _compiler()
+    tc = _toolchain()
+    info = nccl_build_info() if headers else {"nccl_include": None, "cuda_include": None}
+    have = bool(info["nccl_include"] and info["cuda_include"])
+    if headers is True and not have:
+        raise CCLBuildError(
+            f"building the {NCCL_CCL_NAME} CCL with headers: nccl.h found in "
+            f"{info['nccl_include']}, cuda_runtime_api.h in {info['cuda_include']}. Install "
+            "nvidia-nccl-cu13 (pip) and the CUDA toolkit, or set $MLC_NCCL_INCLUDE / $CUDA_HOME")
+    if not have:
+        info = {"nccl_include": None, "cuda_include": None}
+    flags = [*_CXXFLAGS, f"-DMLC_CCL_NAME=\"{NCCL_CCL_NAME}\""]
+    if have:
+        flags += ["-DMLC_NCCL_WITH_HEADERS"]
+    out_dir = cache_dir() / _nccl_build_key(cxx, tc, flags, info)
+    out = out_dir / NCCL_LIB_NAME
+    if out.exists() and not force:
+        return out
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if out.exists() and not force:
+                return out
+            fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=out_dir)
+            os.close(fd)
+            cmd = [cxx, *flags, f"-I{tc['includes'][0]}"]
+            for inc in [*tc["includes"][1:], info["nccl_include"], info["cuda_include"]]:
+                if inc:
+                    cmd += ["-isystem", inc]
+            cmd += [str(_HERE / "nccl.cc"), "-o", tmp]
+            for d in tc["libdirs"]:
+                cmd += [f"-L{d}", f"-Wl,-rpath,{d}"]
+            cmd += [f"-l{lib}" for lib in tc["libs"]]
+            cmd += ["-Wl,-z,defs", "-ldl", "-lpthread"]
+            if verbose:
+                print("[mlc_course.ccl] building:", " ".join(cmd), file=sys.stderr)
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                Path(tmp).unlink(missing_ok=True)
+                raise CCLBuildError(
+                    f"building the {NCCL_CCL_NAME} CCL failed (exit {proc.returncode}).\n"
+                    f"command: {' '.join(cmd)}\n"
+                    f"compiler errors (summary):\n{_summarize_stderr(proc.stderr)}")
+            if verbose and proc.stderr.strip():
+                print(proc.stderr, file=sys.stderr)
+            os.replace(tmp, out)
+            (out_dir / "build.txt").write_text(" ".join(cmd) + "\n")
+            if verbose:
+                print(f"[mlc_course.ccl] built {out} in {time.perf_counter() - t0:.1f} s",
+                      file=sys.stderr)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return out
+
+
+def load_nccl_ccl(verbose: bool = False) -> Path:
+    """Build (if needed) and load the NCCL plugin into *this* process; return its path.
+
+    ``$MLC_NCCL_CCL_LIBRARY`` names a prebuilt plugin to use instead of building one (a GPU
+    machine that has no TVM headers or compiler, e.g. a runtime-only TVM). Loading needs
+    neither a GPU nor NCCL: they are opened by ``init_ccl``. One build per process, as for
+    :func:`load_cpu_ccl`.
+    """
+    pre = os.environ.get("MLC_NCCL_CCL_LIBRARY")
+    path = Path(pre).resolve() if pre else build_nccl_ccl(verbose=verbose)
+    if not path.is_file():
+        raise CCLBuildError(f"$MLC_NCCL_CCL_LIBRARY={pre} is not a file")
+    if _LOADED_NCCL:
+        loaded = Path(next(iter(_LOADED_NCCL)))
+        if loaded != path:
+            warnings.warn(f"{NCCL_CCL_NAME}: {loaded} is already loaded into this process; "
+                          f"still using it (restart the process to use {path})", stacklevel=2)
+        return loaded
+    import tvm
+
+    _LOADED_NCCL[str(path)] = tvm.runtime.load_module(str(path))
+    return path
+
+
+@dataclass(frozen=True)
+class NcclCCL:
+    """What :func:`init_nccl_ccl` set up (for logs and notebooks)."""
+
+    name: str               # CCL name the workers now use ("mlc_nccl")
+    library: Path           # the plugin loaded in every worker
+    num_workers: int
+    device_ids: tuple       # worker i uses cuda:device_ids[i]
+    libraries: str          # "nccl=<version> <path>; cudart=<version> <path>" (controller's)
+
+
+def init_nccl_ccl(session, num_workers: int | None = None, *, device_ids=None,
+                  disable_nvls: bool = True, verbose: bool = False) -> NcclCCL:
+    """Load the NCCL plugin into every worker of ``session`` and make it the session's CCL.
+
+    The controller creates one ``ncclUniqueId`` and every worker calls ``cudaSetDevice``
+    (``device_ids[worker]``, default: its worker id) and ``ncclCommInitRank``; see nccl.cc.
+    ``disable_nvls``: set ``NCCL_NVLS_ENABLE=0`` in the workers when the variable is unset
+    (NVLink SHARP multicast off; shared machines may require it). Environment variables that
+    NCCL reads (NCCL_DEBUG=INFO, ...) must be set before the workers start.
+    """
+    n = int(session.num_workers)
+    if num_workers is not None and int(num_workers) != n:
+        raise ValueError(f"session has {n} workers, not {num_workers}")
+    ids = tuple(range(n)) if device_ids is None else tuple(int(i) for i in device_ids)
+    if len(ids) != n:
+        raise ValueError(f"{len(ids)} device ids for {n} workers")
+    import tvm
+    from tvm_ffi import Shape
+
+    from ..gpu import cuda_device_count
+
+    # Check here what would otherwise fail inside the workers (and abort their processes).
+    gpus = cuda_device_count()
+    if gpus == 0 or max(ids) >= gpus or min(ids) < 0:
+        raise CCLUnavailableError(
+            f"the NCCL CCL needs CUDA GPUs {list(ids)}, but the driver reports {gpus} GPU(s)")
+    path = load_nccl_ccl(verbose=verbose)  # controller: init_ccl runs here
+    nccl_hint, cudart_hint = find_nccl_library(), find_cudart_library()
+    try:
+        info = str(tvm.get_global_func(f"runtime.disco.{NCCL_CCL_NAME}.library_info")(
+            nccl_hint, cudart_hint))
+    except Exception as e:  # noqa: BLE001  (a tvm error: the message says what is missing)
+        raise CCLUnavailableError(f"the NCCL CCL cannot run here: {e}") from None
+    tvm.get_global_func(f"runtime.disco.{NCCL_CCL_NAME}.configure")(
+        nccl_hint, cudart_hint, bool(disable_nvls))
+    session.get_global_func("runtime.disco.load_vm_module")(str(path), tvm.cpu(0))
+    if verbose:
+        print(f"[mlc_course.ccl] {NCCL_CCL_NAME}: {info}", file=sys.stderr)
+    _ffi_api().SessionInitCCL(session, NCCL_CCL_NAME, Shape(list(ids)))
+    return NcclCCL(NCCL_CCL_NAME, path, n, ids, info)
