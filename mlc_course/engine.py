@@ -154,6 +154,7 @@ class DiscoRunner:
         ds = disco_session()
 
         self.tvm, self.n = tvm, shards
+        before = {p.pid for p in _worker_processes()} if session != "thread" else set()
         try:
             if session == "thread":
                 self.sess = ds.ThreadedSession(num_workers=shards)
@@ -177,7 +178,8 @@ class DiscoRunner:
             self.params = loader(str(params_dir), json.dumps(names), device)
             self._getitem = self.sess.get_global_func("ffi.ArrayGetItem")
             self.sess._sync_all()
-            self._procs = _worker_processes() if session != "thread" else []
+            # this session's worker processes only (an earlier session's may linger as zombies)
+            self._procs = [p for p in _worker_processes() if p.pid not in before] if session != "thread" else []
         except Exception as e:
             self.close()
             raise EngineError(f"starting {shards} disco workers failed: {_first_line(e)}") from None
@@ -221,13 +223,13 @@ class DiscoRunner:
 
 
 def _worker_processes() -> list:
-    """This process's disco worker processes (ProcessSession workers 1..N-1)."""
+    """This process's live disco worker processes (ProcessSession workers 1..N-1)."""
     import psutil
 
     out = []
     for p in psutil.Process().children(recursive=True):
         try:
-            if "disco_worker" in " ".join(p.cmdline()):
+            if p.status() != psutil.STATUS_ZOMBIE and "disco_worker" in " ".join(p.cmdline()):
                 out.append(p)
         except psutil.Error:
             pass
