@@ -7,7 +7,7 @@ back-to-back calls (a warm machine keeps ignored folders between calls) and it i
 
 Here (CPU)::
 
-    python scripts/smollm2_gpu_check.py prepare     # expected tokens + GGUF parts in .gguf/
+    python scripts/smollm2_gpu_check.py prepare [--schemes q0f32,q4f16_1]   # expected tokens + GGUF parts
 
 There (after ``.carry`` from build_carry.py with the smollm2 libraries, and the parts)::
 
@@ -29,13 +29,13 @@ NEW_TOKENS = 16
 PART_SIZE = 47 << 20  # two parts: each fits one call beside the working tree
 
 
-def prepare() -> None:
+def prepare(schemes: list[str]) -> None:
     sys.path.insert(0, str(ROOT))
     from mlc_course.engine import Engine
     from mlc_course.weights import course_model_path
 
     expected = {"new_tokens": NEW_TOKENS, "cases": []}
-    for scheme in ("q0f32", "q4f16_1"):
+    for scheme in schemes:
         with Engine("smollm2-135m", scheme, quiet=True) as eng:
             for prompt, chat in PROMPTS:
                 ids = eng.encode_prompt(prompt, chat)
@@ -104,5 +104,6 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("mode", choices=["prepare", "run"])
     ap.add_argument("--out", default="gpu_out")
+    ap.add_argument("--schemes", default="q0f32,q4f16_1", help="with prepare: the schemes compiled in .carry")
     a = ap.parse_args()
-    sys.exit(prepare() if a.mode == "prepare" else run(Path(a.out)))
+    sys.exit(prepare(a.schemes.split(",")) if a.mode == "prepare" else run(Path(a.out)))
