@@ -255,20 +255,58 @@ def _build_key(cxx: str, tc: dict) -> str:
     return h.hexdigest()[:16]
 
 
-def build_cpu_ccl(verbose: bool = False, force: bool = False) -> Path:
-    """Compile the CPU CCL if it is not in the cache yet; return the path of the library.
+def _locked_build(out: Path, name: str, make_cmd, force: bool, verbose: bool) -> Path:
+    """Run ``make_cmd(tmp_path)`` to compile ``out`` unless it is cached.
 
     Concurrent callers (several processes, pytest-xdist) are serialised with a file lock, and
     the library is written under a temporary name and renamed, so nobody loads half a file.
-    Raises :class:`CCLBuildError` when there is no compiler or the compilation fails; the
-    message holds the command and the first compiler errors.
+    A failed compile raises :class:`CCLBuildError` with the command and the first errors.
+    """
+    out_dir = out.parent
+    if out.exists() and not force:
+        return out
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if out.exists() and not force:
+                return out
+            fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=out_dir)
+            os.close(fd)
+            cmd = make_cmd(Path(tmp))
+            if verbose:
+                print("[mlc_course.ccl] building:", " ".join(cmd), file=sys.stderr)
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                Path(tmp).unlink(missing_ok=True)
+                raise CCLBuildError(
+                    f"building the {name} CCL failed (exit {proc.returncode}).\n"
+                    f"command: {' '.join(cmd)}\n"
+                    f"compiler errors (summary):\n{_summarize_stderr(proc.stderr)}")
+            if verbose and proc.stderr.strip():
+                print(proc.stderr, file=sys.stderr)
+            os.replace(tmp, out)
+            (out_dir / "build.txt").write_text(" ".join(cmd) + "\n")
+            if verbose:
+                print(f"[mlc_course.ccl] built {out} in {time.perf_counter() - t0:.1f} s",
+                      file=sys.stderr)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return out
+
+
+def build_cpu_ccl(verbose: bool = False, force: bool = False) -> Path:
+    """Compile the CPU CCL if it is not in the cache yet; return the path of the library.
+
+    Raises :class:`CCLBuildError` when there is no compiler or the compilation fails (see
+    :func:`_locked_build`).
     """
     cxx = _compiler()
     tc = _toolchain()
-    out_dir = cache_dir() / _build_key(cxx, tc)
-    out = out_dir / LIB_NAME
-    if out.exists() and not force:
-        return out
+    out = cache_dir() / _build_key(cxx, tc) / LIB_NAME
+    return _locked_build(out, CCL_NAME, lambda tmp: _build_command(cxx, tc, _HERE / "cpu_shm.cc", tmp),
+                         force, verbose)
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -592,10 +630,20 @@ def build_nccl_ccl(verbose: bool = False, force: bool = False, headers: str | bo
     flags = [*_CXXFLAGS, f"-DMLC_CCL_NAME=\"{NCCL_CCL_NAME}\""]
     if have:
         flags += ["-DMLC_NCCL_WITH_HEADERS"]
-    out_dir = cache_dir() / _nccl_build_key(cxx, tc, flags, info)
-    out = out_dir / NCCL_LIB_NAME
-    if out.exists() and not force:
-        return out
+    out = cache_dir() / _nccl_build_key(cxx, tc, flags, info) / NCCL_LIB_NAME
+
+    def make_cmd(tmp: Path) -> list[str]:
+        cmd = [cxx, *flags, f"-I{tc['includes'][0]}"]
+        for inc in [*tc["includes"][1:], info["nccl_include"], info["cuda_include"]]:
+            if inc:
+                cmd += ["-isystem", inc]
+        cmd += [str(_HERE / "nccl.cc"), "-o", str(tmp)]
+        for d in tc["libdirs"]:
+            cmd += [f"-L{d}", f"-Wl,-rpath,{d}"]
+        cmd += [f"-l{lib}" for lib in tc["libs"]]
+        return cmd + ["-Wl,-z,defs", "-ldl", "-lpthread"]
+
+    return _locked_build(out, NCCL_CCL_NAME, make_cmd, force, verbose)
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
