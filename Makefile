@@ -11,7 +11,7 @@ else
   STAMP := .venv/.installed
 endif
 
-.PHONY: demo test lab install model unit notebooks clean-cache
+.PHONY: demo test lab install model unit notebooks clean-cache book
 
 $(STAMP): pyproject.toml
 	@if [ "$(PY)" = ".venv/bin/python" ] && [ ! -x .venv/bin/python ]; then \
@@ -40,6 +40,11 @@ test: model
 
 lab: install
 	$(PY) -m jupyter lab notebooks
+
+# The course as a static website: build/book/index.html. It renders the committed, executed
+# notebooks; `make book EXECUTE=1` runs every notebook first (needs `make demo` once).
+book: install
+	$(PY) scripts/build_book.py --out build/book $(if $(EXECUTE),--execute)
 
 clean-cache:
 	$(PY) -m mlc_course cache --clear
