@@ -261,3 +261,60 @@ def load_results(path: str | Path | None = None) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"{path}: missing; run `python -m mlc_course bench`")
     return json.loads(path.read_text())
+
+
+def kernel_profile(engine, prompt_ids: list[int], steps: int = 16) -> dict:
+    """Time every call a decode step makes: the VM's instrument hook, with a device sync
+    around each call (a no-op on the CPU). Returns the calls ranked by time per token, each
+    with the bytes its arguments and outputs hold over its time (``GBps``: for a GEMV the
+    weight stream it achieved). Syncs add a few microseconds per call on GPUs, so the sum
+    exceeds the real step time there; the ranking and the GEMV bandwidths are what this is
+    for. Needs a one-worker engine (:class:`~mlc_course.engine.LocalRunner`) without CUDA
+    graphs (a replayed graph is one call)."""
+    import numpy as np
+
+    r = engine.runner
+    if not hasattr(r, "vm") or getattr(r, "decoder", None) is not None:
+        raise ValueError("kernel_profile needs a one-worker engine that does not replay CUDA graphs")
+    tvm, dev = r.tvm, r.dev
+    stats: dict[str, list] = {}
+    state = {"t": 0.0}
+
+    def instrument(func, name, before, ret, *args):
+        dev.sync()
+        if before:
+            state["t"] = time.perf_counter()
+            return 0
+        dt = time.perf_counter() - state["t"]
+        nbytes = sum(int(np.prod(a.shape)) * tvm.DataType(str(a.dtype)).bits // 8
+                     for a in args if hasattr(a, "shape") and hasattr(a, "dtype"))
+        st = stats.setdefault(str(name), [0.0, 0, 0])
+        st[0] += dt
+        st[1] += 1
+        st[2] = nbytes
+        return 0
+
+    engine.reset()
+    engine.prefill(prompt_ids)
+    seq = engine.seq_len
+    ids = tvm.runtime.tensor(np.array([[1]], dtype="int32"), dev)
+    r.vm.set_instrument(instrument)
+    try:
+        for _ in range(steps):
+            seq += 1
+            if getattr(r, "kv", "dynamic") == "static":
+                where = tvm.runtime.tensor(np.array([seq - 1], dtype="int32"), dev)
+            else:
+                where = tvm.runtime.ShapeTuple([seq])
+            out = r.vm["decode"](ids, where, r.effects, r.params)
+            r.effects = out[1]
+    finally:
+        r.vm.set_instrument(None)
+    engine.reset()
+    rows = [{"kernel": k, "us_per_token": round(v[0] / steps * 1e6, 1), "calls_per_token": v[1] // steps,
+             "GBps": round(v[2] * (v[1] / steps) / (v[0] / steps) / 1e9, 1) if v[0] else 0.0}
+            for k, v in stats.items()]
+    rows.sort(key=lambda x: -x["us_per_token"])
+    total = sum(x["us_per_token"] for x in rows)
+    return {"steps": steps, "calls_per_token": sum(x["calls_per_token"] for x in rows),
+            "sum_us_per_token_with_syncs": round(total, 1), "top": rows[:15], "all": rows}

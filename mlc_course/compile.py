@@ -108,10 +108,23 @@ def gpu_rules(gemv: str = "dlight") -> list:
                 return None
             return super().apply(func, target, tunable)
 
+    class WeightGEMV(dl.gpu.GEMV):
+        """dlight's GEMV for the linears only. With a static KV cache (``kv="static"``) the
+        decode step's attention kernels have static shapes too and look like GEMVs to the
+        rule, whose schedule then fails on their masked reductions; they go on to the
+        reduction rules."""
+
+        def apply(self, func, target, tunable):
+            from .schedules import has_block
+
+            if has_block(func, "qk") or has_block(func, "pv"):
+                return None
+            return super().apply(func, target, tunable)
+
     from .schedules import CudaGEMV
 
     course = [CudaGEMV()] if gemv == "course" else []  # falls through to dlight's GEMV
-    return [SimtMatmul(), *course, dl.gpu.GEMV(), AttentionSafeReduction(), dl.gpu.GeneralReduction(),
+    return [SimtMatmul(), *course, WeightGEMV(), AttentionSafeReduction(), dl.gpu.GeneralReduction(),
             dl.gpu.Fallback()]
 
 
@@ -127,9 +140,18 @@ def schedule_report(mod, target) -> dict[str, str]:
             report[gv.name_hint] = "none"
             for rule in gpu_rules():
                 if rule.apply(func, target, False) is not None:
-                    report[gv.name_hint] = type(rule).__name__
+                    report[gv.name_hint] = _rule_name(rule)
                     break
     return report
+
+
+def _rule_name(rule) -> str:
+    """dlight's name for a rule (``GEMV`` for the course's ``WeightGEMV`` wrapper ...); the
+    course's own rules (``CudaGEMV``) by their name."""
+    for cls in type(rule).__mro__:
+        if cls.__module__.startswith("tvm.") and cls.__name__ != "ScheduleRule":
+            return cls.__name__
+    return type(rule).__name__
 
 
 GEMV_CHOICES = ("course", "dlight")
@@ -221,20 +243,23 @@ def _source_digest() -> str:
     return h.hexdigest()[:16]
 
 
-def cache_key(cfg, scheme: str, shards: int, target) -> dict:
+def cache_key(cfg, scheme: str, shards: int, target, kv: str = "dynamic") -> dict:
     import tvm
 
     from . import __version__
 
-    return {"config": cfg.to_dict(), "scheme": scheme, "shards": shards,
-            "target": str(target), "tvm": tvm.__version__, "mlc_course": __version__,
-            "source": _source_digest()}
+    key = {"config": cfg.to_dict(), "scheme": scheme, "shards": shards,
+           "target": str(target), "tvm": tvm.__version__, "mlc_course": __version__,
+           "source": _source_digest()}
+    if kv != "dynamic":
+        key["kv"] = kv
+    return key
 
 
-def library_path(cfg, scheme: str, shards: int, target) -> Path:
+def library_path(cfg, scheme: str, shards: int, target, kv: str = "dynamic") -> Path:
     from .weights import cache_dir
 
-    key = cache_key(cfg, scheme, shards, target)
+    key = cache_key(cfg, scheme, shards, target, kv)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     kind = "gpu" if is_gpu(target) else "cpu"
     return cache_dir() / "lib" / f"{cfg.name}-{scheme}-tp{shards}-{kind}-{digest}" / "model.so"
@@ -245,8 +270,11 @@ def _log(msg: str) -> None:
 
 
 def build_model(cfg, scheme: str, shards: int = 1, device: str = "cpu", *, target=None,
-                force: bool = False, quiet: bool = False) -> Path:
-    """Compile the model (or reuse the cached library) and return the library's path."""
+                force: bool = False, quiet: bool = False, kv: str = "dynamic") -> Path:
+    """Compile the model (or reuse the cached library) and return the library's path.
+
+    ``kv``: the KV cache of :func:`mlc_course.model.export` (``"static"`` for CUDA-graph
+    decoding)."""
     import tvm
 
     from .model import export
@@ -254,7 +282,7 @@ def build_model(cfg, scheme: str, shards: int = 1, device: str = "cpu", *, targe
 
     get_scheme(scheme)
     target = target or get_target(device)
-    path = library_path(cfg, scheme, shards, target)
+    path = library_path(cfg, scheme, shards, target, kv)
     log = (lambda m: None) if quiet else _log
     if path.exists() and not force and is_gpu(target):
         return path  # a GPU library cannot be loaded to check it where no GPU runtime is
@@ -267,12 +295,12 @@ def build_model(cfg, scheme: str, shards: int = 1, device: str = "cpu", *, targe
     log(f"compiling {cfg.name} {scheme} shards={shards} for {target.kind.name} "
         f"(cached afterwards in {path.parent})")
     t0 = time.time()
-    mod, _ = export(cfg, scheme, shards)
+    mod, _ = export(cfg, scheme, shards, kv=kv, gpu=is_gpu(target))
     ex = compile_module(mod, target, log)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"model.{os.getpid()}.tmp.so")
     ex.export_library(str(tmp))
-    (path.parent / "key.json").write_text(json.dumps(cache_key(cfg, scheme, shards, target), indent=1))
+    (path.parent / "key.json").write_text(json.dumps(cache_key(cfg, scheme, shards, target, kv), indent=1))
     tmp.replace(path)
     log(f"compiled in {time.time() - t0:.1f} s")
     return path

@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+STATIC_MAX_LEN = 1024  # rows of the static KV cache (``kv="static"``); the context window caps it too
+
 
 @dataclass(frozen=True)
 class LlamaConfig:

@@ -26,6 +26,38 @@ def _load_worker_params(folder: str, names_json: str, device: str):
     return [tvm.runtime.tensor(a, dev) for a in arrays]
 
 
+_DECODERS: dict = {}
+
+
+@register_global_func("mlc_course.graph_decode", override=True)
+def _graph_decode(vm_mod, params, effects, token: int, pos: int):
+    """One decode step of this worker, replayed from its CUDA graph (captured on the first
+    call; one graph per worker and loaded module). Every worker replays its own graph, the
+    NCCL collectives inside it included; the controller reads worker 0's logits."""
+    import tvm
+
+    from .cuda_graph import CudaGraphDecoder
+
+    key = vm_mod.__chandle__()
+    dec = _DECODERS.get(key)
+    if dec is None:
+        rank = int(get_global_func("runtime.disco.worker_id")()[0])
+        _DECODERS.clear()
+        dec = _DECODERS[key] = CudaGraphDecoder(vm_mod, tvm.cuda(rank), params, effects)
+    return dec.replay(int(token), int(pos))
+
+
+@register_global_func("mlc_course.graph_release", override=True)
+def _graph_release() -> None:
+    """Destroy this worker's CUDA graph and drop its references to the module, weights and
+    cache. Called on every worker before the session ends: worker 0 is a thread of the
+    controller process, and Python objects it still holds at shutdown would need the GIL
+    while the controller holds it to wait for the thread (a deadlock seen on 2 GPUs)."""
+    for dec in _DECODERS.values():
+        dec.close()
+    _DECODERS.clear()
+
+
 def main() -> None:
     from tvm.exec import disco_worker
 

@@ -112,40 +112,68 @@ def load_worker_params(folder: str | Path, rank: int, names: list[str]) -> list[
 
 
 class LocalRunner:
-    """One worker: a Relax VM in this process."""
+    """One worker: a Relax VM in this process.
+
+    ``kv="static"`` libraries take the position of the first new token as a device tensor;
+    with ``graph=True`` (CUDA) their decode step is replayed as one CUDA graph
+    (:class:`mlc_course.cuda_graph.CudaGraphDecoder`)."""
 
     def __init__(self, lib_path: Path, params_dir: Path | None, names: list[str], device: str,
-                 arrays=None):
+                 arrays=None, kv: str = "dynamic", graph: bool = False):
         import tvm
         from tvm.runtime.vm import VirtualMachine  # relax.VirtualMachine; needs only the runtime
 
-        self.tvm = tvm
+        if graph and (device == "cpu" or kv != "static"):
+            raise EngineError("CUDA graphs need device='cuda' and a static-KV library (kv='static')")
+        self.tvm, self.kv, self.graph = tvm, kv, graph
         self.dev = tvm.cpu() if device == "cpu" else tvm.cuda(0)
         self.vm = VirtualMachine(tvm.runtime.load_module(str(lib_path)), self.dev)
         if arrays is None:
             arrays = load_worker_params(params_dir, 0, names)
-        self.params = [tvm.runtime.tensor(a, self.dev) for a in arrays]
+        self.params = [a if isinstance(a, tvm.runtime.Tensor) else tvm.runtime.tensor(a, self.dev)
+                       for a in arrays]
         self.effects = None
+        self.decoder = None
 
     def reset(self) -> None:
+        if self.kv == "static" and self.effects is not None:
+            return  # the same cache buffers for the whole session: stale rows are masked
         self.effects = self.vm["_initialize_effect"]()
 
     def step(self, fn: str, ids: np.ndarray, total: int) -> np.ndarray:
         tvm = self.tvm
-        out = self.vm[fn](tvm.runtime.tensor(ids, self.dev), tvm.runtime.ShapeTuple([total]),
-                          self.effects, self.params)
+        if self.kv != "static":
+            where = tvm.runtime.ShapeTuple([total])
+        elif fn == "decode" and self.graph:
+            if self.decoder is None:
+                from .cuda_graph import CudaGraphDecoder
+
+                self.decoder = CudaGraphDecoder(self.vm, self.dev, self.params, self.effects)
+            return self.decoder.step(int(ids.reshape(-1)[0]), total - 1)
+        else:
+            where = tvm.runtime.tensor(np.array([total - ids.shape[1]], dtype=np.int32), self.dev)
+        out = self.vm[fn](tvm.runtime.tensor(ids, self.dev), where, self.effects, self.params)
         self.effects = out[1]
         return out[0].numpy().reshape(-1)
 
     def close(self) -> None:
-        self.vm = self.params = self.effects = None
+        if self.decoder is not None:
+            self.decoder.close()
+        self.vm = self.params = self.effects = self.decoder = None
 
 
 class DiscoRunner:
     """N workers in a disco session; all-reduces through the collective library."""
 
-    def __init__(self, lib_path: Path, params_dir: Path, names: list[str], device: str, shards: int,
-                 session: str = "process"):
+    def __init__(self, lib_path: Path, params_dir: Path | None, names: list[str], device: str, shards: int,
+                 session: str = "process", kv: str = "dynamic", graph: bool = False, params=None,
+                 entrypoint: str = "mlc_course.disco_worker"):
+        """``params``: a function of the session that returns the workers' parameters (a
+        disco DRef; e.g. random weights made on each GPU by ``scripts/gpu_run.py``), instead
+        of loading ``params_dir``.
+        ``graph`` (CUDA, static KV): every worker replays its decode step as a CUDA graph.
+        ``entrypoint``: the module worker processes run (one that registers this package's
+        worker functions, e.g. after setting up a runtime-only TVM)."""
         from . import disco_worker  # registers the worker-side loader (thread sessions)
         import tvm
 
@@ -153,7 +181,9 @@ class DiscoRunner:
 
         ds = disco_session()
 
-        self.tvm, self.n = tvm, shards
+        if graph and (device == "cpu" or kv != "static"):
+            raise EngineError("CUDA graphs need device='cuda' and a static-KV library (kv='static')")
+        self.tvm, self.n, self.kv, self.graph = tvm, shards, kv, graph
         before = {p.pid for p in _worker_processes()} if session != "thread" else set()
         try:
             if session == "thread":
@@ -166,7 +196,7 @@ class DiscoRunner:
                 saved = os.environ.get("TVM_NUM_THREADS")
                 os.environ["TVM_NUM_THREADS"] = str(max(1, cores // shards))
                 try:
-                    self.sess = ds.ProcessSession(num_workers=shards, entrypoint="mlc_course.disco_worker")
+                    self.sess = ds.ProcessSession(num_workers=shards, entrypoint=entrypoint)
                 finally:
                     if saved is None:
                         os.environ.pop("TVM_NUM_THREADS", None)
@@ -174,8 +204,12 @@ class DiscoRunner:
                         os.environ["TVM_NUM_THREADS"] = saved
             init_ccl(self.sess, shards, device)
             self.mod = self.sess.load_vm_module(str(lib_path))
-            loader = self.sess.get_global_func("mlc_course.load_worker_params")
-            self.params = loader(str(params_dir), json.dumps(names), device)
+            if params is None:
+                loader = self.sess.get_global_func("mlc_course.load_worker_params")
+                self.params = loader(str(params_dir), json.dumps(names), device)
+            else:
+                self.params = params(self.sess)
+            self._graph_decode = self.sess.get_global_func("mlc_course.graph_decode") if graph else None
             self._getitem = self.sess.get_global_func("ffi.ArrayGetItem")
             self.sess._sync_all()
             # this session's worker processes only (an earlier session's may linger as zombies)
@@ -198,15 +232,30 @@ class DiscoRunner:
 
     def reset(self) -> None:
         self._ensure_alive()
+        if self.kv == "static" and self.effects is not None:
+            return  # the same cache buffers for the whole session: stale rows are masked
         self.effects = self.mod["_initialize_effect"]()
 
     def step(self, fn: str, ids: np.ndarray, total: int) -> np.ndarray:
         tvm = self.tvm
         self._ensure_alive()
+        if fn == "decode" and self._graph_decode is not None:
+            try:
+                out = self._graph_decode(self.mod, self.params, self.effects, int(ids.reshape(-1)[0]), total - 1)
+                return out.debug_get_from_remote(0).numpy().reshape(-1)
+            except Exception as e:
+                self.close()
+                raise EngineError(f"a disco worker failed during decode: {_first_line(e)}; the "
+                                  "session was shut down") from None
         try:
             dids = self.sess.empty(ids.shape, "int32")
             dids.debug_copy_from(0, ids)
-            out = self.mod[fn](dids, tvm.runtime.ShapeTuple([total]), self.effects, self.params)
+            if self.kv == "static":  # the model broadcasts worker 0's position
+                where = self.sess.empty((1,), "int32")
+                where.debug_copy_from(0, np.array([total - ids.shape[1]], dtype=np.int32))
+            else:
+                where = tvm.runtime.ShapeTuple([total])
+            out = self.mod[fn](dids, where, self.effects, self.params)
             self.effects = self._getitem(out, 1)
             logits = self._getitem(out, 0).debug_get_from_remote(0)
             return logits.numpy().reshape(-1)
@@ -218,7 +267,13 @@ class DiscoRunner:
     def close(self) -> None:
         # Drop every reference instead of calling shutdown(): in TVM 0.27 a ProcessSession that
         # was shut down and is destroyed later aborts the process; destroying it shuts it down.
-        self.mod = self.params = self.effects = self._getitem = None
+        if getattr(self, "_graph_decode", None) is not None and getattr(self, "sess", None) is not None:
+            try:  # workers release their CUDA graphs first (see disco_worker._graph_release)
+                self.sess.get_global_func("mlc_course.graph_release")()
+                self.sess._sync_all()
+            except Exception:  # noqa: BLE001  (a dead worker: nothing left to release)
+                pass
+        self.mod = self.params = self.effects = self._getitem = self._graph_decode = None
         self.sess = None
 
 
@@ -300,7 +355,11 @@ class Engine:
     """Load a model once, then generate from it (greedy or sampled), streaming tokens."""
 
     def __init__(self, model: str = "smollm2-135m", quantization: str | None = None, shards: int = 1,
-                 device: str = "cpu", session: str = "process", quiet: bool = False):
+                 device: str = "cpu", session: str = "process", quiet: bool = False,
+                 kv: str | None = None, graph: bool | None = None):
+        """``kv``/``graph``: the KV cache and CUDA-graph decoding; by default on GPUs a static
+        cache with each worker's decode step replayed as a CUDA graph, on CPUs the dynamic
+        cache (``nn.KVCache``; see :mod:`mlc_course.model`)."""
         from .compile import build_model
         from .model import export
         from .sharding import validate_shards
@@ -317,29 +376,48 @@ class Engine:
         self.model_name = model
         validate_shards(self.config, shards, self.scheme)
         self.tokenizer = self.source.tokenizer()
-        lib = build_model(self.config, self.scheme, shards, device, quiet=quiet)
+        self.kv = kv or ("static" if device == "cuda" else "dynamic")
+        graph = device == "cuda" and self.kv == "static" if graph is None else graph
+        self.kv_capacity = kv_capacity(self.config, self.kv)
+        if device == "cuda":
+            check_fits(self.config, self.scheme, shards, self.kv)
+        lib = build_model(self.config, self.scheme, shards, device, quiet=quiet, kv=self.kv)
         params_dir = presharded_params(self.source, self.scheme, shards, self.log)
         names = [n for n, _ in export(self.config, self.scheme, shards)[1]]
         if shards == 1:
-            self.runner = LocalRunner(lib, params_dir, names, device)
+            self.runner = LocalRunner(lib, params_dir, names, device, kv=self.kv, graph=graph)
         else:
-            self.runner = DiscoRunner(lib, params_dir, names, device, shards, session)
+            self.runner = DiscoRunner(lib, params_dir, names, device, shards, session, kv=self.kv,
+                                      graph=graph)
         self.reset()
 
     @classmethod
     def from_compiled(cls, lib_path: str | Path, config: LlamaConfig, arrays, quantization: str,
-                      device: str = "cuda", tokenizer=None, quiet: bool = False) -> "Engine":
+                      device: str = "cuda", tokenizer=None, quiet: bool = False,
+                      kv: str = "dynamic", graph: bool = False) -> "Engine":
         """One worker over an already compiled library and its parameter arrays, given in
-        the model's parameter order (an iterable: each array goes to the device as it comes).
-        Needs neither the compiler nor weight conversion: this is how ``scripts/gpu_run.py``
-        runs on GPU machines that have only TVM's runtime."""
+        the model's parameter order (an iterable: each array goes to the device as it comes;
+        arrays already on the device are used as they are). Needs neither the compiler nor
+        weight conversion: this is how ``scripts/gpu_run.py`` runs on GPU machines that have
+        only TVM's runtime."""
+        if device == "cuda":
+            check_fits(config, quantization, 1, kv)
+        runner = LocalRunner(Path(lib_path), None, [], device, arrays=arrays, kv=kv, graph=graph)
+        return cls.from_runner(runner, config, quantization, device, tokenizer, quiet, kv)
+
+    @classmethod
+    def from_runner(cls, runner, config: LlamaConfig, quantization: str, device: str = "cuda",
+                    tokenizer=None, quiet: bool = False, kv: str = "dynamic", shards: int = 1) -> "Engine":
+        """An engine over a runner made by the caller (a :class:`LocalRunner` or a
+        :class:`DiscoRunner`, e.g. with weights created on the workers)."""
         self = cls.__new__(cls)
         self.log = (lambda m: None) if quiet else _log
-        self.device, self.scheme, self.shards = device, quantization, 1
+        self.device, self.scheme, self.shards = device, quantization, shards
         get_scheme(quantization)
         self.source, self.config, self.model_name = None, config, config.name
         self.tokenizer = tokenizer
-        self.runner = LocalRunner(Path(lib_path), None, [], device, arrays=arrays)
+        self.kv, self.kv_capacity = kv, kv_capacity(config, kv)
+        self.runner = runner
         self.reset()
         return self
 
@@ -364,9 +442,11 @@ class Engine:
         return self.runner.step("decode", np.asarray([[int(token)]], dtype=np.int32), self.seq_len)
 
     def _check_room(self, n: int) -> None:
-        limit = self.config.context_length
+        limit = self.kv_capacity
         if self.seq_len + n > limit:
-            raise EngineError(f"{self.seq_len + n} tokens exceed the context window of "
+            what = ("the context window of" if limit == self.config.context_length
+                    else "the static KV cache of")
+            raise EngineError(f"{self.seq_len + n} tokens exceed {what} "
                               f"{self.config.name} ({limit} tokens); shorten the prompt or /reset")
 
     # -- generation -----------------------------------------------------------------
@@ -376,9 +456,9 @@ class Engine:
         """Yield generated ids one by one; stops after a stop id (included) or at the limit."""
         if max_new_tokens < 1:
             raise EngineError("max_new_tokens must be at least 1")
-        if len(prompt_ids) + (self.seq_len if keep_cache else 0) >= self.config.context_length:
+        if len(prompt_ids) + (self.seq_len if keep_cache else 0) >= self.kv_capacity:
             raise EngineError(f"the prompt has {len(prompt_ids)} tokens, the context window of "
-                              f"{self.config.name} is {self.config.context_length}")
+                              f"{self.config.name} is {self.kv_capacity}")
         if stop_ids is None:
             eos = getattr(self.tokenizer, "eos_token_id", None)
             stop_ids = () if eos is None else (eos,)
@@ -394,7 +474,7 @@ class Engine:
             tok = sample(logits, temperature, top_p, rng)
             res.output_ids.append(tok)
             yield tok
-            if tok in stop_ids or i + 1 == max_new_tokens or self.seq_len >= self.config.context_length:
+            if tok in stop_ids or i + 1 == max_new_tokens or self.seq_len >= self.kv_capacity:
                 break
             logits = self.decode(tok)
             res.decode_s = time.perf_counter() - t1
@@ -423,6 +503,33 @@ class Engine:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def check_fits(config: LlamaConfig, scheme: str, shards: int, kv: str = "dynamic") -> None:
+    """Raise a clear error when one worker's weights and KV cache do not fit in the free
+    memory of its GPU (before anything is uploaded)."""
+    from .gpu import gpu_memory
+    from .spmd import memory_per_device
+
+    need = memory_per_device(config, scheme, shards, context=kv_capacity(config, kv))["total"]
+    need += 512 * 2**20  # activations, workspace, the CUDA context's own allocations
+    for dev in range(shards):
+        mem = gpu_memory(dev)
+        if mem is None:
+            return  # no way to ask here: let the upload say it
+        free, total = mem
+        if need > free:
+            raise EngineError(
+                f"{config.name} in {scheme} with {shards} shard(s) needs {need / 2**30:.1f} GiB per GPU "
+                f"(weights + KV cache + workspace); GPU {dev} has {free / 2**30:.1f} GiB free of "
+                f"{total / 2**30:.1f} GiB. Use more shards, a 4-bit scheme, or a larger GPU")
+
+
+def kv_capacity(config: LlamaConfig, kv: str) -> int:
+    """Tokens the KV cache holds: the context window, or the static cache's rows."""
+    from .config import STATIC_MAX_LEN
+
+    return min(config.context_length, STATIC_MAX_LEN) if kv == "static" else config.context_length
 
 
 def _check_device(device: str, shards: int) -> None:

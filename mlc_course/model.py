@@ -15,31 +15,28 @@ Two entry points are exported: ``prefill`` (any number of new tokens) and ``deco
 last position. The KV cache is ``nn.KVCache``: one growable buffer per layer for K and one
 for V, appended in place by the runtime and viewed without a copy; this is how MLC LLM's
 Llama ran in 2023, the period of the article the course reproduces.
+
+``kv="static"`` swaps that cache for one fixed ``(max_len, kv_heads, head_dim)`` buffer per
+layer, written in place at a position read from a device tensor, with attention masked to
+the filled length. Then both entry points take ``pos`` (a ``(1,)`` int32 tensor: the index of
+the first new token) instead of ``total_seq_len``, and every shape of ``decode`` is static:
+a whole decode step can be captured once as a CUDA graph and replayed for every token
+(:class:`mlc_course.engine.CudaGraphDecoder`), removing the host from the loop.
 """
 
 from __future__ import annotations
 
 import math
 
+from tvm import relax as rx
 from tvm import te, tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
-from .config import LlamaConfig
-from .quantization import ELEMS_PER_WORD, get_scheme, te_embedding, te_linear
+from .config import STATIC_MAX_LEN, LlamaConfig
+from .quantization import get_scheme, te_embedding, te_linear, weight_arrays_shapes  # noqa: F401
 
 # -------------------------------------------------------------------------- weight layers
-
-
-def weight_arrays_shapes(out_features: int, in_features: int, scheme_name: str) -> dict[str, tuple]:
-    """Name -> (shape, dtype) of the arrays that store one (out, in) weight in a scheme."""
-    s = get_scheme(scheme_name)
-    if not s.quantized:
-        return {"weight": ((out_features, in_features), s.float_dtype)}
-    groups = in_features // s.group_size
-    scale_shape = (out_features, groups) if s.symmetric else (out_features, groups, 2)
-    return {"q_weight": ((out_features, in_features // ELEMS_PER_WORD), "uint32"),
-            "q_scale": (scale_shape, s.float_dtype)}
 
 
 class QuantizedWeight(nn.Module):
@@ -78,12 +75,27 @@ class Embedding(QuantizedWeight):
 
 
 def _rms_norm(x: nn.Tensor, weight: nn.Parameter, eps: float) -> nn.Tensor:
-    """RMSNorm computed in float32 whatever the activation dtype."""
-    dtype = x.dtype
-    if dtype != "float32":
-        x, weight = x.astype("float32"), weight.astype("float32")
-    y = op.rms_norm(x, weight, axes=[-1], epsilon=eps)
-    return y.astype(dtype) if dtype != "float32" else y
+    """RMSNorm computed in float32 whatever the activation dtype.
+
+    float32 activations use Relax's ``rms_norm`` operator (notebook 06 follows it through
+    legalization); float16 ones one TE kernel that reads float16 and computes in float32:
+    as operators, the two casts (of the activation and of the weight) would be kernels of
+    their own at every call, 4 extra launches per layer in a GPU's decode step."""
+    if x.dtype == "float32":
+        return op.rms_norm(x, weight, axes=[-1], epsilon=eps)
+    return op.tensor_expr_op(lambda xx, ww: _te_rms_norm(xx, ww, eps), "rms_norm", [x, weight])
+
+
+def _te_rms_norm(x, w, eps: float):
+    """``y = x / sqrt(mean(x^2) + eps) * w`` over the last axis, float32 inside."""
+    b, s, h = x.shape
+    k = te.reduce_axis((0, h), name="k")
+    sq = te.compute((b, s), lambda i, t: te.sum(x[i, t, k].astype("float32") * x[i, t, k].astype("float32"),
+                                                 axis=k), name="sum_sq")
+    inv_h = tirx.const(1.0 / int(h), "float32")
+    return te.compute((b, s, h), lambda i, t, j: (
+        x[i, t, j].astype("float32") * tirx.rsqrt(sq[i, t] * inv_h + tirx.const(eps, "float32"))
+        * w[j].astype("float32")).astype(x.dtype), name="rms_norm")
 
 
 def _te_rope(x, pos0, theta: float, head_dim: int):
@@ -107,37 +119,168 @@ def _te_rope(x, pos0, theta: float, head_dim: int):
     return te.compute(x.shape, f, name="rope")
 
 
-def _te_attention_scores(q, k, total, scale: float):
-    """scores[h, t, j] = q[t, h] . k[j, h // group] * scale, causal-masked, float32."""
+def _te_qkv_rope(qkv, pos, hq: int, hkv: int, theta: float, head_dim: int):
+    """One kernel for what the dynamic path does in three (reshape + split, RoPE on q, RoPE
+    on k): from the fused projection ``qkv (1, s, (hq + 2 hkv) * d)`` and the position
+    tensor, ``q (s, hq, d)`` and ``k (s, hkv, d)`` rotated, ``v (s, hkv, d)`` as is."""
+    _, s, _ = qkv.shape
+    d, half = head_dim, head_dim // 2
+    pos0 = pos[0].astype("int64")
+
+    def rotated(t, col, e):  # head starting at column col, element e
+        i = tirx.floormod(e, half)
+        inv_freq = tirx.exp(tirx.const(-2.0 * math.log(theta) / d, "float32") * i.astype("float32"))
+        ang = (pos0 + t).astype("float32") * inv_freq
+        xf = qkv[0, t, col + e].astype("float32")
+        rot = tirx.if_then_else(e < half, -qkv[0, t, col + e + half].astype("float32"),
+                                qkv[0, t, col + e - half].astype("float32"))
+        return (xf * tirx.cos(ang) + rot * tirx.sin(ang)).astype(qkv.dtype)
+
+    q = te.compute((s, hq, d), lambda t, h, e: rotated(t, h * d, e), name="q_rope")
+    k = te.compute((s, hkv, d), lambda t, h, e: rotated(t, (hq + h) * d, e), name="k_rope")
+    v = te.compute((s, hkv, d), lambda t, h, e: qkv[0, t, (hq + hkv + h) * d + e], name="v_split")
+    return [q, k, v]
+
+
+def _te_attention_scores(q, k, first, scale: float, skip_masked: bool = False):
+    """scores[h, t, j] = q[t, h] . k[j, h // group] * scale, causal-masked, float32.
+
+    Query row ``t`` is the token at position ``first + t``: it sees keys ``j <= first + t``.
+    ``skip_masked`` (the static cache, whose ``k`` has ``max_len`` rows): rows past that are
+    never read."""
     s, hq, d = q.shape
-    hkv = k.shape[1]
+    n, hkv = k.shape[0], k.shape[1]
     group = hq // hkv
     r = te.reduce_axis((0, d), name="d")
-    raw = te.compute((hq, s, total), lambda h, t, j: te.sum(
-        q[t, h, r].astype("float32") * k[j, h // group, r].astype("float32"), axis=r), name="qk")
+    zero = tirx.const(0.0, "float32")
+
+    def dot(h, t, j):
+        prod = q[t, h, r].astype("float32") * k[j, h // group, r].astype("float32")
+        return te.sum(tirx.if_then_else(j <= first + t, prod, zero) if skip_masked else prod, axis=r)
+
+    raw = te.compute((hq, s, n), dot, name="qk")
     neg = tirx.const(-3.0e38, "float32")
-    return te.compute((hq, s, total), lambda h, t, j: tirx.if_then_else(
-        j <= total - s + t, raw[h, t, j] * tirx.const(scale, "float32"), neg), name="masked_scores")
+    return te.compute((hq, s, n), lambda h, t, j: tirx.if_then_else(
+        j <= first + t, raw[h, t, j] * tirx.const(scale, "float32"), neg), name="masked_scores")
 
 
-def _te_attention_output(p, v, out_dtype: str):
-    """out[t, h, d] = sum_j p[h, t, j] v[j, h // group, d]."""
+def _te_attention_output(p, v, out_dtype: str, first=None):
+    """out[t, h, d] = sum_j p[h, t, j] v[j, h // group, d] (``first``: rows past
+    ``first + t`` have zero probability and are skipped, as in the scores)."""
     hq, s, total = p.shape
     hkv, d = v.shape[1], v.shape[2]
     group = hq // hkv
     j = te.reduce_axis((0, total), name="j")
-    acc = te.compute((s, hq, d), lambda t, h, dd: te.sum(
-        p[h, t, j] * v[j, h // group, dd].astype("float32"), axis=j), name="pv")
+    if first is None:
+        acc = te.compute((s, hq, d), lambda t, h, dd: te.sum(
+            p[h, t, j] * v[j, h // group, dd].astype("float32"), axis=j), name="pv")
+    else:
+        zero = tirx.const(0.0, "float32")
+        acc = te.compute((s, hq, d), lambda t, h, dd: te.sum(tirx.if_then_else(
+            j <= first + t, p[h, t, j] * v[j, h // group, dd].astype("float32"), zero), axis=j),
+            name="pv")
     if out_dtype == "float32":
         return acc
     return te.compute(acc.shape, lambda *i: acc(*i).astype(out_dtype), name="cast")
+
+
+# ---------------------------------------------------------------- static KV cache
+
+
+def kv_write_func(max_len: int, num_kv_heads: int, head_dim: int, dtype: str, gpu: bool,
+                  n: int = 2) -> tirx.PrimFunc:
+    """``cache_i[pos + t] = new_i[t]`` for the ``s`` new rows of ``n`` caches (K and V),
+    *in place* (``call_tir_inplace``).
+
+    Written as plain TIR (no schedulable block): one loop over the ``s * heads * dim``
+    elements, split over CUDA blocks and threads on GPUs, storing into every cache. The
+    position is read from a device tensor, never from the host: with every shape static, a
+    decode step is the same sequence of kernels each time, so it can be replayed as one CUDA
+    graph (see :class:`mlc_course.cuda_graph.CudaGraphDecoder`).
+    """
+    from tvm import te as _te
+
+    s = tirx.Var("s", "int64")
+    caches = [tirx.decl_buffer((max_len, num_kv_heads, head_dim), dtype, f"cache{i}") for i in range(n)]
+    news = [tirx.decl_buffer((s, num_kv_heads, head_dim), dtype, f"new{i}") for i in range(n)]
+    pos = tirx.decl_buffer((1,), "int32", "pos")
+    unit = num_kv_heads * head_dim
+    total = s * unit
+
+    def store(i):
+        t, r = tirx.floordiv(i, unit), tirx.floormod(i, unit)
+        h, e = tirx.floordiv(r, head_dim), tirx.floormod(r, head_dim)
+        row = tirx.Cast("int64", tirx.BufferLoad(pos, [tirx.const(0, "int64")])) + t
+        stores = [tirx.BufferStore(c, tirx.BufferLoad(nw, [t, h, e]), [row, h, e]) for c, nw in zip(caches, news)]
+        return tirx.SeqStmt(stores) if len(stores) > 1 else stores[0]
+
+    if gpu:
+        threads = 256
+        bx, tx = _te.thread_axis("blockIdx.x"), _te.thread_axis("threadIdx.x")
+        i = bx.var.astype("int64") * threads + tx.var.astype("int64")
+        body = tirx.IfThenElse(i < total, store(i), None)
+        body = tirx.AttrStmt(tx, "thread_extent", tirx.const(threads, "int32"), body)
+        nblocks = tirx.Cast("int32", tirx.floordiv(total + threads - 1, threads))
+        body = tirx.AttrStmt(bx, "thread_extent", nblocks, body)
+    else:
+        i = tirx.Var("i", "int64")
+        body = tirx.For(i, tirx.const(0, "int64"), total, tirx.ForKind.SERIAL, store(i))
+    func = tirx.PrimFunc([*caches, *news, pos], body)
+    # op_pattern 8 = opaque: FuseOps must not merge producers into an in-place write
+    return func.with_attrs({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
+
+
+def write_kv(k_cache: "StaticKVCache", v_cache: "StaticKVCache", k: nn.Tensor, v: nn.Tensor,
+             pos: nn.Tensor) -> None:
+    """Rows ``pos .. pos + len(k) - 1`` of both caches become ``k`` and ``v``: one kernel."""
+    func = kv_write_func(k_cache.max_len, *k_cache.unit_shape, k_cache.dtype, k_cache.gpu, n=2)
+    ks, vs = op.tensor_ir_inplace_op(
+        func, "kv_write", [nn.Tensor(_expr=k_cache.cache), nn.Tensor(_expr=v_cache.cache), k, v, pos], [0, 1],
+        [nn.Tensor.placeholder(k_cache.shape, k_cache.dtype), nn.Tensor.placeholder(v_cache.shape, v_cache.dtype)])
+    k_cache.cache, v_cache.cache = ks._expr, vs._expr
+
+
+class StaticKVCache(nn.Effect):
+    """A fixed ``(max_len, *unit_shape)`` buffer, zero-initialised by ``_initialize_effect``,
+    written in place (:func:`write_kv`) and read whole (attention masks the rows past
+    the filled length). Compare ``nn.KVCache``, whose appends and views are runtime calls
+    that change shapes from token to token."""
+
+    def __init__(self, max_len: int, unit_shape: list[int], dtype: str, gpu: bool):
+        self.max_len, self.unit_shape, self.dtype, self.gpu = max_len, list(unit_shape), dtype, gpu
+        self.cache = None
+
+    @property
+    def shape(self) -> list[int]:
+        return [self.max_len, *self.unit_shape]
+
+    def emit_init(self, name_hint: str, bb: rx.BlockBuilder):
+        return [bb.emit(rx.op.zeros(rx.ShapeExpr(self.shape), self.dtype), name_hint=name_hint)]
+
+    def create(self, name_hint: str) -> list[rx.Var]:
+        return [rx.Var(name_hint, ty=rx.TensorType(self.shape, self.dtype))]
+
+    def set_state(self, state_vars: list[rx.Var]) -> None:
+        (self.cache,) = state_vars
+
+    def finalize(self) -> list[rx.Var]:
+        result, self.cache = self.cache, None
+        return [result]
+
+    def to(self, dtype: str | None = None) -> None:
+        if dtype is not None:
+            self.dtype = dtype
+
+    def full(self) -> nn.Tensor:
+        return nn.Tensor(_expr=self.cache)
 
 
 # ------------------------------------------------------------------------------ layers
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: LlamaConfig, scheme: str, shards: int, act_dtype: str):
+    def __init__(self, cfg: LlamaConfig, scheme: str, shards: int, act_dtype: str,
+                 kv: str = "dynamic", gpu: bool = False, static_max_len: int = STATIC_MAX_LEN):
         self.num_heads = cfg.num_heads // shards
         self.num_kv_heads = cfg.num_kv_heads // shards
         self.head_dim = cfg.head_dim
@@ -146,29 +289,54 @@ class Attention(nn.Module):
         qkv_out = (self.num_heads + 2 * self.num_kv_heads) * cfg.head_dim
         self.qkv_proj = Linear(qkv_out, cfg.hidden_size, scheme)
         self.o_proj = Linear(cfg.hidden_size, self.num_heads * cfg.head_dim, scheme)
-        max_len = min(cfg.context_length, 1024)
-        self.k_cache = nn.KVCache(max_len, [self.num_kv_heads, cfg.head_dim], act_dtype)
-        self.v_cache = nn.KVCache(max_len, [self.num_kv_heads, cfg.head_dim], act_dtype)
+        unit = [self.num_kv_heads, cfg.head_dim]
+        self.static = kv == "static"
+        if self.static:
+            max_len = min(cfg.context_length, static_max_len)
+            self.k_cache = StaticKVCache(max_len, unit, act_dtype, gpu)
+            self.v_cache = StaticKVCache(max_len, unit, act_dtype, gpu)
+        else:
+            max_len = min(cfg.context_length, 1024)  # initial capacity; the runtime grows it
+            self.k_cache = nn.KVCache(max_len, unit, act_dtype)
+            self.v_cache = nn.KVCache(max_len, unit, act_dtype)
 
-    def forward(self, x: nn.Tensor, total_seq_len: tirx.Var) -> nn.Tensor:
+    def forward(self, x: nn.Tensor, position) -> nn.Tensor:
+        """``position``: ``total_seq_len`` (a shape variable, dynamic cache) or the ``(1,)``
+        int32 tensor ``pos`` of the first new token (static cache)."""
         b, s, _ = x.shape
         hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = op.reshape(self.qkv_proj(x), (b, s, hq + 2 * hkv, d))
-        q, k, v = op.split(qkv, [hq, hq + hkv], axis=2)
-        rope = lambda t, total: _te_rope(t, total - t.shape[1], self.rope_theta, d)  # noqa: E731
-        q = op.tensor_expr_op(rope, "rope", [q, total_seq_len])
-        k = op.tensor_expr_op(rope, "rope", [k, total_seq_len])
-        self.k_cache.append(op.squeeze(k, axis=0))
-        self.v_cache.append(op.squeeze(v, axis=0))
-        keys = self.k_cache.view(total_seq_len)
-        values = self.v_cache.view(total_seq_len)
-        q0 = op.squeeze(q, axis=0)
-        scores = op.tensor_expr_op(
-            lambda qq, kk: _te_attention_scores(qq, kk, total_seq_len, 1.0 / math.sqrt(d)),
-            "attention_scores", [q0, keys])
-        probs = op.softmax(scores, axis=-1)
-        out = op.tensor_expr_op(lambda pp, vv: _te_attention_output(pp, vv, x.dtype),
-                                "attention_output", [probs, values])
+        scale = 1.0 / math.sqrt(d)
+        if self.static:
+            first = lambda p: p[0].astype("int64")  # noqa: E731  (read on the device)
+            q0, k, v = op.tensor_expr_op(
+                lambda t, p: _te_qkv_rope(t, p, hq, hkv, self.rope_theta, d), "qkv_rope",
+                [self.qkv_proj(x), position])
+            write_kv(self.k_cache, self.v_cache, k, v, position)
+            keys, values = self.k_cache.full(), self.v_cache.full()
+            scores = op.tensor_expr_op(
+                lambda qq, kk, p: _te_attention_scores(qq, kk, first(p), scale, skip_masked=True),
+                "attention_scores", [q0, keys, position])
+            probs = op.softmax(scores, axis=-1)
+            out = op.tensor_expr_op(
+                lambda pp, vv, p: _te_attention_output(pp, vv, x.dtype, first(p)),
+                "attention_output", [probs, values, position])
+        else:
+            qkv = op.reshape(self.qkv_proj(x), (b, s, hq + 2 * hkv, d))
+            q, k, v = op.split(qkv, [hq, hq + hkv], axis=2)
+            rope = lambda t, total: _te_rope(t, total - t.shape[1], self.rope_theta, d)  # noqa: E731
+            q = op.tensor_expr_op(rope, "rope", [q, position])
+            k = op.tensor_expr_op(rope, "rope", [k, position])
+            q0 = op.squeeze(q, axis=0)
+            self.k_cache.append(op.squeeze(k, axis=0))
+            self.v_cache.append(op.squeeze(v, axis=0))
+            keys = self.k_cache.view(position)
+            values = self.v_cache.view(position)
+            scores = op.tensor_expr_op(
+                lambda qq, kk: _te_attention_scores(qq, kk, kk.shape[0] - qq.shape[0], scale),
+                "attention_scores", [q0, keys])
+            probs = op.softmax(scores, axis=-1)
+            out = op.tensor_expr_op(lambda pp, vv: _te_attention_output(pp, vv, x.dtype),
+                                    "attention_output", [probs, values])
         out = self.o_proj(op.reshape(out, (b, s, hq * d)))
         if self.shards > 1:
             out = op.ccl_allreduce(out, "sum")
@@ -191,33 +359,39 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: LlamaConfig, scheme: str, shards: int, act_dtype: str):
+    def __init__(self, cfg: LlamaConfig, scheme: str, shards: int, act_dtype: str, **kv_opts):
         self.input_layernorm = nn.Parameter((cfg.hidden_size,), act_dtype)
         self.post_attention_layernorm = nn.Parameter((cfg.hidden_size,), act_dtype)
-        self.self_attn = Attention(cfg, scheme, shards, act_dtype)
+        self.self_attn = Attention(cfg, scheme, shards, act_dtype, **kv_opts)
         self.mlp = MLP(cfg, scheme, shards)
         self.eps = cfg.rms_norm_eps
 
-    def forward(self, x: nn.Tensor, total_seq_len: tirx.Var) -> nn.Tensor:
-        x = x + self.self_attn(_rms_norm(x, self.input_layernorm, self.eps), total_seq_len)
+    def forward(self, x: nn.Tensor, position) -> nn.Tensor:
+        x = x + self.self_attn(_rms_norm(x, self.input_layernorm, self.eps), position)
         return x + self.mlp(_rms_norm(x, self.post_attention_layernorm, self.eps))
 
 
 class LlamaForCausalLM(nn.Module):
     """The whole decoder for one tensor-parallel worker (all of it when ``shards == 1``)."""
 
-    def __init__(self, cfg: LlamaConfig, scheme: str, shards: int = 1):
+    def __init__(self, cfg: LlamaConfig, scheme: str, shards: int = 1, kv: str = "dynamic",
+                 gpu: bool = False, static_max_len: int = STATIC_MAX_LEN):
         from .sharding import validate_shards
 
         validate_shards(cfg, shards, scheme)
-        self.config, self.scheme_name, self.shards = cfg, scheme, shards
+        if kv not in KV_CHOICES:
+            raise ValueError(f"kv must be one of {KV_CHOICES}, got {kv!r}")
+        self.config, self.scheme_name, self.shards, self.kv = cfg, scheme, shards, kv
         self.act_dtype = get_scheme(scheme).float_dtype
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, scheme)
-        self.layers = nn.ModuleList([DecoderLayer(cfg, scheme, shards, self.act_dtype)
+        kv_opts = {"kv": kv, "gpu": gpu, "static_max_len": static_max_len}
+        self.layers = nn.ModuleList([DecoderLayer(cfg, scheme, shards, self.act_dtype, **kv_opts)
                                      for _ in range(cfg.num_layers)])
         self.norm = nn.Parameter((cfg.hidden_size,), self.act_dtype)
         if not cfg.tie_embeddings:
             self.lm_head = Linear(cfg.vocab_size, cfg.hidden_size, scheme)
+        if kv == "static":  # the entry points take the position tensor instead
+            self.prefill, self.decode = self._prefill_static, self._decode_static
 
     def _logits(self, h: nn.Tensor) -> nn.Tensor:
         head = self.embed_tokens if self.config.tie_embeddings else self.lm_head
@@ -225,12 +399,14 @@ class LlamaForCausalLM(nn.Module):
             lambda xx, *w: te_linear(xx, w, self.scheme_name, "float32"),
             "lm_head", [h, *head.arrays()])
 
-    def forward(self, input_ids: nn.Tensor, total_seq_len: tirx.Var) -> nn.Tensor:
+    def forward(self, input_ids: nn.Tensor, position) -> nn.Tensor:
         if self.shards > 1:
             input_ids = op.ccl_broadcast_from_worker0(input_ids)
+            if self.kv == "static":
+                position = op.ccl_broadcast_from_worker0(position)
         h = self.embed_tokens(input_ids, self.act_dtype)
         for layer in self.layers:
-            h = layer(h, total_seq_len)
+            h = layer(h, position)
         h = _rms_norm(h, self.norm, self.config.rms_norm_eps)
         s = h.shape[1]
         if not (isinstance(s, int) and s == 1):
@@ -246,19 +422,35 @@ class LlamaForCausalLM(nn.Module):
     def decode(self, input_ids: nn.Tensor, total_seq_len: tirx.Var) -> nn.Tensor:
         return self.forward(input_ids, total_seq_len)
 
+    def _prefill_static(self, input_ids: nn.Tensor, pos: nn.Tensor) -> nn.Tensor:
+        return self.forward(input_ids, pos)
+
+    def _decode_static(self, input_ids: nn.Tensor, pos: nn.Tensor) -> nn.Tensor:
+        return self.forward(input_ids, pos)
+
     def get_default_spec(self) -> nn.spec.ModuleSpec:
         mode = {"param_mode": "packed", "effect_mode": "packed"}
+        if self.kv == "static":
+            where = {"pos": nn.spec.Tensor([1], "int32")}
+        else:
+            where = {"total_seq_len": int}
         return nn.spec.ModuleSpec.from_raw({
-            "prefill": {"input_ids": nn.spec.Tensor([1, "seq_len"], "int32"),
-                        "total_seq_len": int, "$": mode},
-            "decode": {"input_ids": nn.spec.Tensor([1, 1], "int32"),
-                       "total_seq_len": int, "$": mode},
+            "prefill": {"input_ids": nn.spec.Tensor([1, "seq_len"], "int32"), **where, "$": mode},
+            "decode": {"input_ids": nn.spec.Tensor([1, 1], "int32"), **where, "$": mode},
         }, self)
 
 
-def export(cfg: LlamaConfig, scheme: str, shards: int = 1):
-    """Build the Relax IRModule and the ordered list of (parameter name, spec)."""
-    model = LlamaForCausalLM(cfg, scheme, shards)
+KV_CHOICES = ("dynamic", "static")
+
+
+def export(cfg: LlamaConfig, scheme: str, shards: int = 1, kv: str = "dynamic", gpu: bool = False,
+           static_max_len: int = STATIC_MAX_LEN):
+    """Build the Relax IRModule and the ordered list of (parameter name, spec).
+
+    ``kv="static"`` (see the module doc) needs ``gpu`` to say whether the in-place cache
+    write is generated for a GPU (thread-bound) or a CPU (a loop); ``static_max_len`` caps
+    the cache rows (the context window caps it too)."""
+    model = LlamaForCausalLM(cfg, scheme, shards, kv=kv, gpu=gpu, static_max_len=static_max_len)
     mod, named_params = model.export_tvm(spec=model.get_default_spec())
     return mod, named_params
 

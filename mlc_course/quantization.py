@@ -250,6 +250,18 @@ def te_linear(x, weights, name: str, out_dtype: str):
     return te.compute((b, s, n), lambda i, t, j: acc[i, t, j].astype(out_dtype), name="cast")
 
 
+def decode_gemv_func(n: int, k: int, scheme: str, act_dtype: str | None = None):
+    """The decode step's linear for an (n, k) weight as a PrimFunc, exactly as the model
+    writes it (one TE op, dequantize inside the sum): ``x (1, 1, k) -> y (1, 1, n)``. What
+    notebooks and benchmarks schedule and time on its own."""
+    from tvm import te
+
+    act_dtype = act_dtype or get_scheme(scheme).float_dtype
+    x = te.placeholder((1, 1, k), act_dtype, name="x")
+    w = [te.placeholder(s, d, name=nm) for nm, (s, d) in weight_arrays_shapes(n, k, scheme).items()]
+    return te.create_prim_func([x, *w, te_linear(x, w, scheme, act_dtype)])
+
+
 def te_embedding(ids, weights, name: str, out_dtype: str):
     """Gather rows ``ids`` (b, s) of an embedding stored in scheme ``name``, dequantized."""
     from tvm import te
@@ -292,3 +304,14 @@ def build_dequantize_cpu(shape: tuple[int, int], name: str):
     run.lib = lib
     run.prim_func = func
     return run
+
+
+def weight_arrays_shapes(out_features: int, in_features: int, scheme_name: str) -> dict[str, tuple]:
+    """Name -> (shape, dtype) of the arrays that store one (out, in) weight in a scheme."""
+    s = get_scheme(scheme_name)
+    if not s.quantized:
+        return {"weight": ((out_features, in_features), s.float_dtype)}
+    groups = in_features // s.group_size
+    scale_shape = (out_features, groups) if s.symmetric else (out_features, groups, 2)
+    return {"q_weight": ((out_features, in_features // ELEMS_PER_WORD), "uint32"),
+            "q_scale": (scale_shape, s.float_dtype)}

@@ -309,8 +309,7 @@ def memory_per_device(cfg: LlamaConfig, scheme: str, n: int, context: int = 4096
     ``kv_cache``: its 1/n of the KV heads for ``batch`` sequences of ``context`` tokens, in
     the activation dtype. Activations and workspace come on top (small at batch 1).
     """
-    from .model import weight_arrays_shapes
-    from .quantization import get_scheme
+    from .quantization import get_scheme, weight_arrays_shapes
 
     validate_shards(cfg, n, scheme)
     s = get_scheme(scheme)

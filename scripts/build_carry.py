@@ -41,13 +41,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-# (model preset, quantization) compiled for the GPU run: tiny for correctness against the
-# NumPy reference, Llama-2-7B-shaped q4f16_1 for speed.
-# A third field "graph" compiles with CUDA graphs (RewriteCUDAGraph).
-# "dlight" compiles the decode GEMVs with stock dlight instead of the course's schedule.
-DEFAULT_MODELS = ["tiny:q4f16_1", "tiny:q0f32", "tiny:q0f16", "tiny:q4f16_1:graph",
-                  "llama2-7b:q4f16_1:graph", "llama2-7b:q4f16_1:graph:dlight", "llama2-7b:q0f16:graph",
-                  "llama2-7b:q4f16_1", "llama2-7b:q4f16_1:dlight"]
+# preset:quantization[:option...] compiled for the GPU run: tiny for correctness against the
+# NumPy reference (and TP=2 against TP=1), the Llama shapes for speed. Options:
+#   static  the static KV cache (kv="static"): the engine replays each decode step as one
+#           CUDA graph (mlc_course.cuda_graph)
+#   graph   the dynamic KV cache with Relax's RewriteCUDAGraph (graphs between attention calls)
+#   dlight  stock dlight GEMV for the decode linears instead of the course's schedule
+#   tp2     2 tensor-parallel shards (each worker's library; NCCL all-reduces)
+DEFAULT_MODELS = ["tiny:q0f32:static", "tiny:q4f16_1:static", "tiny:q0f16:static",
+                  "tiny:q0f32:static:tp2", "tiny:q4f16_1:static:tp2",
+                  "llama2-7b:q4f16_1:static", "llama2-7b:q4f16_1:static:dlight", "llama2-7b:q0f16:static",
+                  "llama2-7b:q4f16_1:graph:dlight", "llama2-7b:q4f16_1:static:dlight:tp2",
+                  "codellama-34b:q4f16_1:static:dlight", "codellama-34b:q4f16_1:static:dlight:tp2",
+                  "llama2-70b:q4f16_1:static:dlight", "llama2-70b:q4f16_1:static:dlight:tp2"]
+OPTIONS = {"static", "graph", "dlight", "tp2"}
 
 # Parts of the installed tvm package a runtime-only import does not need.
 TVM_EXCLUDE_DIRS = {"3rdparty", "src", "web", "include", "cmake", "lib64", "licenses", "__pycache__"}
@@ -142,7 +149,7 @@ def nvcc_command(arch: str, src: str, out: str) -> list[str]:
 
 def build_libraries(out: Path, models: list[str], device: str, log) -> dict:
     """Compile each model for ``device``; write lib/*.so, lib/manifest.json, fatbin/*."""
-    from mlc_course.compile import compile_module, cuda_sources, get_target
+    from mlc_course.compile import _source_digest, compile_module, cuda_sources, get_target
     from mlc_course.config import get_preset
     from mlc_course.model import export
 
@@ -151,18 +158,33 @@ def build_libraries(out: Path, models: list[str], device: str, log) -> dict:
     (out / "lib").mkdir(parents=True, exist_ok=True)
     (out / "fatbin").mkdir(parents=True, exist_ok=True)
     manifest = {"arch": arch, "device": device, "libraries": {}}
+    old = {}
+    if (out / "lib" / "manifest.json").exists():
+        old = json.loads((out / "lib" / "manifest.json").read_text()).get("libraries", {})
     for item in models:
         name, scheme, *opts = item.split(":")
-        graph = "graph" in opts
+        unknown = set(opts) - OPTIONS
+        if unknown:
+            raise SystemExit(f"{item}: unknown option(s) {sorted(unknown)}; known: {sorted(OPTIONS)}")
+        graph, static = "graph" in opts, "static" in opts
         gemv = "dlight" if "dlight" in opts else "course"
+        shards = 2 if "tp2" in opts else 1
+        kv = "static" if static else "dynamic"
         cfg = get_preset(name)
-        log(f"compiling {name} {scheme} for {arch}{' with CUDA graphs' if graph else ''}, {gemv} GEMV")
-        mod, named = export(cfg, scheme, 1)
-        ex = compile_module(mod, target, cuda_graph=graph, gemv=gemv)
-        lib = f"{name}-{scheme}-{arch}{'-graph' if graph else ''}{'-dlight' if gemv == 'dlight' else ''}.so"
-        ex.export_library(str(out / "lib" / lib))
+        lib = (f"{name}-{scheme}-{arch}{'-static' if static else ''}{'-graph' if graph else ''}"
+               f"{'-dlight' if gemv == 'dlight' else ''}{f'-tp{shards}' if shards > 1 else ''}.so")
+        mod, named = export(cfg, scheme, shards, kv=kv, gpu=True)
+        key = {"source": _source_digest(), "arch": arch}
+        if (out / "lib" / lib).exists() and old.get(lib, {}).get("key") == key:
+            log(f"{lib}: up to date")
+            ex = None
+        else:
+            log(f"compiling {lib}")
+            ex = compile_module(mod, target, cuda_graph=graph, gemv=gemv)
+            ex.export_library(str(out / "lib" / lib))
+        lib_mod = ex.mod if ex is not None else _load_for_sources(out / "lib" / lib)
         digests = []
-        for src in cuda_sources(ex.mod):
+        for src in cuda_sources(lib_mod):
             digest = hashlib.sha256(src.encode()).hexdigest()
             digests.append(digest)
             fb = out / "fatbin" / f"{digest}.fatbin"
@@ -173,24 +195,73 @@ def build_libraries(out: Path, models: list[str], device: str, log) -> dict:
                     log("  no nvcc here: the GPU machine compiles the kernels at load")
         params_file = None
         if name == "tiny":  # small enough to travel: converted weights + the float32 originals
-            params_file = write_tiny_params(out, cfg, scheme, [n for n, _ in named])
+            params_file = write_tiny_params(out, cfg, scheme, [n for n, _ in named], shards)
         manifest["libraries"][lib] = {
-            "params_file": params_file,
-            "model": name, "quantization": scheme, "shards": 1, "cuda_graph": graph, "gemv": gemv,
+            "params_file": params_file, "key": key,
+            "model": name, "quantization": scheme, "shards": shards, "kv": kv,
+            "cuda_graph": graph or static, "graph_kind": "whole step" if static else "relax" if graph else None,
+            "gemv": gemv,
             "config": cfg.to_dict(),
             "params": [[n, [int(d) for d in spec.shape], str(spec.dtype)] for n, spec in named],
             "cuda_source_sha256": digests,
         }
+    manifest["gemv"] = build_gemv_library(out, device, log)
     (out / "lib" / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return manifest
 
 
-def write_tiny_params(out: Path, cfg, scheme: str, names: list[str]) -> str:
-    """``params/tiny-<scheme>.npz`` (the model's arrays, in order) and ``params/tiny-hf.npz``
-    (the float32 weights that the NumPy reference uses), from the engine's own tiny source."""
+def gemv_shapes(cfg) -> dict[str, tuple[int, int]]:
+    """The decode linears of one layer, (n, k) each."""
+    return dict(cfg.linear_shapes_per_layer())
+
+
+def build_gemv_library(out: Path, device: str, log, model: str = "llama2-7b",
+                       scheme: str = "q4f16_1") -> dict:
+    """``lib/gemv-<arch>.so``: the decode GEMVs of one layer of ``model`` alone, scheduled
+    by the course's CUDA GEMV (``gemv_course_<name>``) and by dlight's (``gemv_dlight_<name>``),
+    so that the GPU run times each kernel by itself next to PyTorch's int4 GEMV."""
+    import tvm
+    import tvm.s_tir.dlight as dl
+
+    from mlc_course.compile import cuda_sources, get_target, gpu_rules
+    from mlc_course.config import get_preset
+    from mlc_course.quantization import decode_gemv_func
+
+    target = get_target(device)
+    arch = str(target.attrs["arch"])
+    funcs, shapes = {}, gemv_shapes(get_preset(model))
+    for name, (n, k) in shapes.items():
+        for kind in ("course", "dlight"):
+            funcs[f"gemv_{kind}_{name}"] = decode_gemv_func(n, k, scheme).with_attr(
+                "global_symbol", f"gemv_{kind}_{name}")
+    mods = {}
+    for kind in ("course", "dlight"):
+        sub = tvm.IRModule({k: v for k, v in funcs.items() if f"_{kind}_" in k})
+        with target:
+            mods[kind] = dl.ApplyDefaultSchedule(*gpu_rules(kind))(sub)
+    merged = tvm.IRModule({**dict(mods["course"].functions_items()), **dict(mods["dlight"].functions_items())})
+    lib = tvm.compile(merged, target=target)
+    name = f"gemv-{arch}.so"
+    lib.export_library(str(out / "lib" / name))
+    for src in cuda_sources(lib.mod):
+        digest = hashlib.sha256(src.encode()).hexdigest()
+        fb = out / "fatbin" / f"{digest}.fatbin"
+        if not fb.exists():
+            nvcc_fatbin(src, arch, fb)
+    log(f"{name}: {len(funcs)} GEMV kernels ({model} {scheme})")
+    return {"library": name, "model": model, "quantization": scheme,
+            "shapes": {k: list(v) for k, v in shapes.items()}}
+
+
+def write_tiny_params(out: Path, cfg, scheme: str, names: list[str], shards: int = 1) -> str:
+    """``params/tiny-<scheme>.npz`` (the model's arrays, in order) or, with shards, the
+    folder ``params/tiny-<scheme>-tp<n>/`` of ``worker{r}.npz`` files (what
+    ``mlc_course.engine.load_worker_params`` reads), and ``params/tiny-hf.npz`` (the float32
+    weights that the NumPy reference uses), from the engine's own tiny source."""
     import numpy as np
 
     from mlc_course.model import convert_params
+    from mlc_course.sharding import shard_params
     from mlc_course.weights import resolve_model
 
     (out / "params").mkdir(parents=True, exist_ok=True)
@@ -199,9 +270,22 @@ def write_tiny_params(out: Path, cfg, scheme: str, names: list[str]) -> str:
     if not (out / "params" / "tiny-hf.npz").exists():
         np.savez(out / "params" / "tiny-hf.npz", **hf)
     conv = convert_params(hf, cfg, scheme)
-    rel = f"params/tiny-{scheme}.npz"
-    np.savez(out / rel, **{f"{i:04d}": conv[n] for i, n in enumerate(names)})
+    if shards == 1:
+        rel = f"params/tiny-{scheme}.npz"
+        np.savez(out / rel, **{f"{i:04d}": conv[n] for i, n in enumerate(names)})
+        return rel
+    rel = f"params/tiny-{scheme}-tp{shards}"
+    (out / rel).mkdir(parents=True, exist_ok=True)
+    for r, part in enumerate(shard_params(conv, cfg, shards, scheme)):
+        np.savez(out / rel / f"worker{r}.npz", **part)
     return rel
+
+
+def _load_for_sources(path: Path):
+    """A compiled library, loaded only to read its CUDA sources (no GPU needed)."""
+    import tvm
+
+    return tvm.runtime.load_module(str(path))
 
 
 def plan(wheel: Path | None) -> list[str]:
@@ -243,11 +327,17 @@ def main(argv=None) -> int:
         for n in ffi_members(wheel):
             z.extract(n, site)
     log(f"site/: runtime-only tvm + tvm_ffi {ffi_version()} ({wheel.name})")
+    from mlc_course import ccl
+
+    plugin = ccl.build_nccl_ccl()  # NCCL and cudart are dlopen'd there: builds without them
+    shutil.copy2(plugin, out / ccl.NCCL_LIB_NAME)
+    log(f"{ccl.NCCL_LIB_NAME}: the NCCL collective library for disco ({ccl.nccl_build_info()})")
     build_libraries(out, [m for m in args.models.split(",") if m], args.device, log)
 
     total = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    tree = sum(p.stat().st_size for p in ROOT.rglob("*") if p.is_file() and not
-               {".venv", ".git", ".carry", "__pycache__", ".ipynb_checkpoints", ".pytest_cache"} & set(p.relative_to(ROOT).parts))
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT,
+                            capture_output=True, text=True).stdout.split("\0")
+    tree = sum((ROOT / f).stat().st_size for f in listed if f and (ROOT / f).is_file())
     log(f".carry/: {total / 2**20:.1f} MiB; rest of the tree ~{tree / 2**20:.1f} MiB")
     if total + tree > LIMIT_BYTES:
         log(f"WARNING: over {LIMIT_BYTES / 2**20:.0f} MiB; a run carries at most 64 MiB")

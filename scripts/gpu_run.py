@@ -186,19 +186,21 @@ def tiny_correctness(carry: Path, manifest: dict, steps: int = 20) -> list[dict]
     out = []
     hf = dict(np.load(carry / "params" / "tiny-hf.npz"))
     for lib, meta in manifest["libraries"].items():
-        if meta["model"] != "tiny":
+        if meta["model"] != "tiny" or meta.get("shards", 1) != 1:
             continue
-        scheme = meta["quantization"]
+        scheme, kv = meta["quantization"], meta.get("kv", "dynamic")
         cfg = LlamaConfig(**meta["config"])
         z = np.load(carry / meta["params_file"])
         arrays = [z[k] for k in sorted(z.files)]
         ref_params = {k: dequantize(*quantize(v, scheme), scheme) if v.ndim == 2 and get_scheme(scheme).quantized else v
                       for k, v in hf.items()}
         ref = ReferenceLlama(cfg, ref_params)
-        rec = {"model": "tiny", "quantization": scheme, "library": lib, "cuda_graph": meta.get("cuda_graph", False)}
+        rec = {"model": "tiny", "quantization": scheme, "library": lib, "kv": kv,
+               "cuda_graph": kv == "static" or bool(meta.get("cuda_graph"))}
         try:
             t0 = time.time()
-            eng = Engine.from_compiled(carry / "lib" / lib, cfg, arrays, scheme, "cuda", quiet=True)
+            eng = Engine.from_compiled(carry / "lib" / lib, cfg, arrays, scheme, "cuda", quiet=True,
+                                       kv=kv, graph=kv == "static")
             rec["load_s"] = round(time.time() - t0, 2)
             prompt = [3, 17, 99, 5, 200]
             b = ref.prefill(prompt)
@@ -223,149 +225,308 @@ def tiny_correctness(carry: Path, manifest: dict, steps: int = 20) -> list[dict]
 
 def random_params(params: list, seed: int = 0):
     """Random arrays with the stored shapes: 4-bit words uniform over all nibbles, float16
-    scales in [0.002, 0.004] (weights of std ~0.014), norms 1. Yielded one at a time."""
+    scales in [0.002, 0.004] (weights of std ~0.014), norms 1. Yielded one at a time; arrays
+    of the same name pattern and shape are made once and reused (every layer of a 70B model
+    gets the same random layer: speed does not depend on the values, and making 35 GB of
+    random numbers on the host would take longer than the benchmark)."""
+    import re
+
     import numpy as np
 
     rng = np.random.default_rng(seed)
+    made: dict = {}
     for name, shape, dtype in params:
+        key = (re.sub(r"\d+", "#", name), tuple(shape), dtype)
+        if key in made:
+            yield made[key]
+            continue
         n = int(np.prod(shape))
         if dtype == "uint32":
-            yield np.frombuffer(rng.bytes(4 * n), dtype=np.uint32).reshape(shape)
+            a = np.frombuffer(rng.bytes(4 * n), dtype=np.uint32).reshape(shape)
         elif name.endswith("q_scale"):
-            yield rng.uniform(0.002, 0.004, size=shape).astype(dtype)
+            a = rng.uniform(0.002, 0.004, size=shape).astype(dtype)
         elif "norm" in name:
-            yield np.ones(shape, dtype=dtype)
+            a = np.ones(shape, dtype=dtype)
         else:
-            yield (0.014 * rng.standard_normal(size=shape)).astype(dtype)
+            a = (0.014 * rng.standard_normal(size=shape)).astype(dtype)
+        made[key] = a
+        yield a
+
+
+def register_worker_functions() -> None:
+    """Worker-side functions of this script (each disco worker process, and the controller,
+    whose thread is worker 0): ``mlc_course.random_worker_params``."""
+    from tvm_ffi import get_global_func, register_global_func
+
+    @register_global_func("mlc_course.random_worker_params", override=True)
+    def _random_worker_params(params_json: str):
+        import tvm
+
+        rank = int(get_global_func("runtime.disco.worker_id")()[0])
+        dev = tvm.cuda(rank)
+        return [tvm.runtime.tensor(a, dev) for a in random_params(json.loads(params_json), seed=rank)]
+
+
+def speed_record(eng, cfg, scheme: str, meta: dict, lib: str, bandwidth: float, prompt_len: int,
+                 new_tokens: int, runs: int, deadline: float, graph: bool, profile: bool,
+                 load_s: float) -> dict:
+    """Time greedy generation (``runs`` times ``new_tokens`` after a ``prompt_len`` prompt)
+    and return one decode record."""
+    import numpy as np
+
+    shards = eng.shards
+    prompt = [int(x) for x in np.random.default_rng(1).integers(0, cfg.vocab_size, prompt_len)]
+    t0 = time.time()
+    eng.generate(prompt, max_new_tokens=4, stop_ids=())  # warm-up: kernels loaded, graph captured
+    log(f"  warm-up {time.time() - t0:.1f} s")
+    results = []
+    for r in range(runs):
+        res = eng.generate(prompt, max_new_tokens=new_tokens + 1, stop_ids=())
+        results.append(res)
+        log(f"  run {r}: prefill {res.prefill_tok_per_s:.1f} tok/s, decode {res.decode_tok_per_s:.2f} tok/s")
+        if time.time() > deadline:
+            break
+    kernels = None
+    if profile and time.time() < deadline:
+        from mlc_course.bench import kernel_profile
+
+        kernels = kernel_profile(eng, prompt)
+        for k in kernels["top"][:8]:
+            log(f"    {k['kernel']:<40s} {k['us_per_token']:8.1f} us/token  {k['GBps']:7.0f} GB/s")
+    decode = sorted(x.decode_tok_per_s for x in results)[len(results) // 2]
+    bpt = cfg.bytes_per_token(scheme)
+    # each of n GPUs reads 1/n of the weights, in parallel: the ceiling scales with n
+    ceiling = shards * bandwidth * 1e9 / bpt if bandwidth else None
+    ctx = prompt_len + new_tokens / 2
+    kv = meta.get("kv", "dynamic")
+    detail = {("static", True): "static KV cache, whole decode step replayed as one CUDA graph",
+              ("static", False): "static KV cache, no CUDA graph",
+              ("dynamic", True): "dynamic KV cache (nn.KVCache), Relax RewriteCUDAGraph",
+              ("dynamic", False): "dynamic KV cache (nn.KVCache), no CUDA graph"}[kv, graph]
+    return {
+        "model": cfg.name, "weights": "random (generated on the GPU machine)",
+        "quantization": scheme, "shards": shards, "gemv": meta.get("gemv", "dlight"),
+        "decode_tok_per_s": round(decode, 2), "decode_tok_per_s_runs": [round(x.decode_tok_per_s, 2) for x in results],
+        "prefill_tok_per_s": round(results[0].prefill_tok_per_s, 1), "prompt_tokens": prompt_len,
+        "new_tokens": new_tokens, "bytes_per_token": bpt,
+        "kv_bytes_per_token_mean": cfg.kv_bytes_per_token(int(ctx)),
+        "bandwidth_GBps": round(bandwidth, 1) if bandwidth else None,
+        "ceiling_tok_per_s": round(ceiling, 1) if ceiling else None,
+        "fraction_of_ceiling": round(decode / ceiling, 4) if ceiling else None,
+        "kv": kv, "cuda_graph": graph,
+        "engine": "mlc_course",
+        "engine_detail": f"TVM 0.27 runtime, {meta.get('gemv', 'dlight')} GEMV schedule, {detail}"
+                         + (f", {shards} GPUs (disco + NCCL)" if shards > 1 else ""),
+        "library": lib, "load_s": round(load_s, 1),
+        **({"kernels": kernels} if kernels else {})}
 
 
 def llama_speed(carry: Path, manifest: dict, bandwidth: float, prompt_len: int, new_tokens: int,
-                runs: int, deadline: float) -> list[dict]:
-    import numpy as np
-
+                runs: int, deadline: float, sink: list, save=lambda: None) -> None:
+    """Every single-GPU Llama-shape library: static-KV ones replayed as CUDA graphs; the
+    7B q4f16_1 static one (course GEMV) also without graphs, with its kernel profile (what the
+    graph removes)."""
     from mlc_course.config import LlamaConfig
     from mlc_course.engine import Engine
 
-    out = []
     for lib, meta in manifest["libraries"].items():
-        if meta["model"] == "tiny":
+        if meta["model"] == "tiny" or meta.get("shards", 1) != 1:
             continue
-        cfg, scheme = LlamaConfig(**meta["config"]), meta["quantization"]
+        if time.time() > deadline:
+            log(f"{lib}: skipped (time budget)")
+            continue
+        cfg, scheme, kv = LlamaConfig(**meta["config"]), meta["quantization"], meta.get("kv", "dynamic")
+        modes = [kv == "static" or bool(meta.get("cuda_graph"))]
+        if kv == "static" and cfg.name == "llama2-7b" and scheme == "q4f16_1" and meta.get("gemv") == "course":
+            modes.append(False)
         t0 = time.time()
-        eng = Engine.from_compiled(carry / "lib" / lib, cfg, random_params(meta["params"]), scheme, "cuda", quiet=True)
+        arrays = random_params(meta["params"])
+        eng = Engine.from_compiled(carry / "lib" / lib, cfg, arrays, scheme, "cuda", quiet=True,
+                                   kv=kv, graph=modes[0] and kv == "static")
         load_s = time.time() - t0
-        log(f"{cfg.name} {scheme}: library + random weights on the GPU in {load_s:.1f} s")
-        prompt = [int(x) for x in np.random.default_rng(1).integers(0, cfg.vocab_size, prompt_len)]
+        log(f"{lib}: library + random weights on the GPU in {load_s:.1f} s")
+        try:
+            for graph in modes:
+                if kv == "static":
+                    eng.runner.graph = graph
+                    if not graph and eng.runner.decoder is not None:
+                        eng.runner.decoder.close()
+                        eng.runner.decoder = None
+                sink.append(speed_record(eng, cfg, scheme, meta, lib, bandwidth, prompt_len, new_tokens,
+                                         runs, deadline, graph=graph, profile=not graph, load_s=load_s))
+                save()
+        finally:
+            eng.close()
+            del eng, arrays
+            import gc
+
+            gc.collect()
+
+
+def tp_setup(carry: Path) -> str:
+    """Environment of disco worker processes on a runtime-only TVM; their entrypoint."""
+    os.environ["MLC_TP_CARRY"] = str(carry)
+    os.environ["MLC_NCCL_CCL_LIBRARY"] = str(carry / "libmlc_ccl_nccl.so")
+    os.environ["NCCL_NVLS_ENABLE"] = "0"
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(carry / "site"), str(ROOT), os.environ.get("PYTHONPATH", "")])
+    register_worker_functions()
+    return "scripts.gpu_tp_worker"
+
+
+def tp_speed(carry: Path, manifest: dict, bandwidth: float, prompt_len: int, new_tokens: int,
+             runs: int, deadline: float, graph: bool = True, sink: list | None = None, save=lambda: None) -> None:
+    """Every 2-shard Llama-shape library on 2 GPUs: disco workers, NCCL all-reduces, random
+    weights made by each worker, each worker replaying its decode step as a CUDA graph."""
+    from mlc_course.config import LlamaConfig
+    from mlc_course.engine import DiscoRunner, Engine
+
+    entry = tp_setup(carry)
+    for lib, meta in manifest["libraries"].items():
+        if meta["model"] == "tiny" or meta.get("shards", 1) != 2:
+            continue
+        if time.time() > deadline:
+            log(f"{lib}: skipped (time budget)")
+            continue
+        cfg, scheme, kv = LlamaConfig(**meta["config"]), meta["quantization"], meta.get("kv", "dynamic")
+        graph = graph and kv == "static"
         t0 = time.time()
-        eng.generate(prompt, max_new_tokens=4, stop_ids=())  # warm-up: kernels loaded, first launches
-        log(f"  warm-up {time.time() - t0:.1f} s")
-        results = []
-        for r in range(runs):
-            res = eng.generate(prompt, max_new_tokens=new_tokens + 1, stop_ids=())
-            results.append(res)
-            log(f"  run {r}: prefill {res.prefill_tok_per_s:.1f} tok/s, decode {res.decode_tok_per_s:.2f} tok/s")
-            if time.time() > deadline:
-                break
-        loop = device_loop(eng, prompt, new_tokens)
-        log(f"  decode calls without reading logits back: {loop:.2f} tok/s")
-        kernels = None
-        if not meta.get("cuda_graph") and time.time() < deadline:
-            kernels = kernel_profile(eng, prompt)
-            for k in kernels["top"][:8]:
-                log(f"    {k['kernel']:<40s} {k['us_per_token']:8.1f} us/token  {k['GBps']:7.0f} GB/s")
-        eng.close()
-        decode = sorted(x.decode_tok_per_s for x in results)[len(results) // 2]
-        bpt = cfg.bytes_per_token(scheme)
-        ceiling = bandwidth * 1e9 / bpt if bandwidth else None
-        ctx = prompt_len + new_tokens / 2
-        out.append({
-            "model": cfg.name, "weights": "random (generated on the GPU machine)",
-            "quantization": scheme, "shards": 1, "gemv": meta.get("gemv", "dlight"),
-            "decode_tok_per_s": round(decode, 2), "decode_tok_per_s_runs": [round(x.decode_tok_per_s, 2) for x in results],
-            "prefill_tok_per_s": round(results[0].prefill_tok_per_s, 1), "prompt_tokens": prompt_len,
-            "new_tokens": new_tokens, "bytes_per_token": bpt,
-            "kv_bytes_per_token_mean": cfg.kv_bytes_per_token(int(ctx)),
-            "bandwidth_GBps": round(bandwidth, 1) if bandwidth else None,
-            "ceiling_tok_per_s": round(ceiling, 1) if ceiling else None,
-            "fraction_of_ceiling": round(decode / ceiling, 4) if ceiling else None,
-            "decode_tok_per_s_device_loop": round(loop, 2),
-            "cuda_graph": bool(meta.get("cuda_graph")),
-            "engine": "mlc_course",
-            "engine_detail": f"TVM 0.27 runtime, {meta.get('gemv', 'dlight')} GEMV schedule, "
-                             + ("CUDA graphs" if meta.get("cuda_graph") else "no CUDA graph"),
-            "library": lib,
-            "load_s": round(load_s, 1),
-            **({"kernels": kernels} if kernels else {})})
+        runner = DiscoRunner(carry / "lib" / lib, None, [], "cuda", 2, kv=kv, graph=graph,
+                             params=lambda sess, m=meta: sess.get_global_func("mlc_course.random_worker_params")(
+                                 json.dumps(m["params"])), entrypoint=entry)
+        eng = Engine.from_runner(runner, cfg, scheme, "cuda", quiet=True, kv=kv, shards=2)
+        load_s = time.time() - t0
+        log(f"{lib}: 2 workers, library + random weights on both GPUs in {load_s:.1f} s")
+        try:
+            sink.append(speed_record(eng, cfg, scheme, meta, lib, bandwidth, prompt_len, new_tokens,
+                                     runs, deadline, graph=graph, profile=False, load_s=load_s))
+            save()
+        finally:
+            eng.close()
+            del eng, runner
+            import gc
+
+            gc.collect()
+
+
+def tiny_tp(carry: Path, manifest: dict, steps: int = 16, graph: bool = True) -> list[dict]:
+    """tiny on 2 GPUs (disco + NCCL, each worker replaying a CUDA graph) against tiny on 1
+    GPU (CUDA graph), the same carried weights: logits and greedy tokens."""
+    import numpy as np
+
+    from mlc_course.config import LlamaConfig
+    from mlc_course.engine import DiscoRunner, Engine
+
+    entry = tp_setup(carry)
+    libs = manifest["libraries"]
+    out = []
+    for lib2, meta2 in libs.items():
+        if meta2["model"] != "tiny" or meta2.get("shards", 1) != 2:
+            continue
+        lib1, meta1 = next((k, m) for k, m in libs.items() if m["model"] == "tiny" and m.get("shards", 1) == 1
+                           and m["quantization"] == meta2["quantization"] and m.get("kv") == meta2.get("kv"))
+        cfg, scheme, kv = LlamaConfig(**meta2["config"]), meta2["quantization"], meta2.get("kv", "dynamic")
+        graph = graph and kv == "static"
+        rec = {"model": "tiny", "quantization": scheme, "kv": kv, "cuda_graph": graph, "steps": steps}
+        e1 = e2 = None
+        try:
+            z = np.load(carry / meta1["params_file"])
+            e1 = Engine.from_compiled(carry / "lib" / lib1, cfg, [z[k] for k in sorted(z.files)], scheme,
+                                      "cuda", quiet=True, kv=kv, graph=kv == "static")
+            names = [n for n, _, _ in meta2["params"]]
+            r2 = DiscoRunner(carry / "lib" / lib2, carry / meta2["params_file"], names, "cuda", 2, kv=kv,
+                             graph=graph, entrypoint=entry)
+            e2 = Engine.from_runner(r2, cfg, scheme, "cuda", quiet=True, kv=kv, shards=2)
+            prompt = [1, 17, 42, 99, 200, 3, 64, 128]
+            l1, l2 = e1.prefill(prompt), e2.prefill(prompt)
+            diffs, scale, tok1, tok2 = [float(np.abs(l1 - l2).max())], [float(np.abs(l1).max())], [], []
+            for _ in range(steps):
+                t = int(np.argmax(l1))
+                tok1.append(t)
+                tok2.append(int(np.argmax(l2)))
+                l1, l2 = e1.decode(t), e2.decode(t)  # both follow the 1-GPU tokens
+                diffs.append(float(np.abs(l1 - l2).max()))
+                scale.append(float(np.abs(l1).max()))
+            tol = 1e-4 if scheme in ("q0f32", "q4f32_1") else 2e-2
+            rel = max(d / max(sc, 1e-6) for d, sc in zip(diffs, scale))
+            rec.update(max_abs_diff=max(diffs), max_rel_diff=rel, tolerance_rel=tol, tokens_tp1=tok1,
+                       tokens_tp2=tok2, same_tokens=tok1 == tok2, ok=bool(rel <= tol and tok1 == tok2))
+        except Exception as e:  # noqa: BLE001
+            import traceback
+
+            traceback.print_exc()
+            rec.update(ok=False, error=f"{type(e).__name__}: {str(e).strip()[-500:]}")
+        finally:
+            for e in (e1, e2):
+                if e is not None:
+                    e.close()
+            import gc
+
+            gc.collect()
+        log(f"tiny TP=2 vs TP=1 {scheme}: {json.dumps({k: v for k, v in rec.items() if 'tokens' not in k})}")
+        out.append(rec)
     return out
 
 
-def device_loop(eng, prompt: list[int], n: int) -> float:
-    """Decode calls back to back with the same input token, logits left on the GPU: what the
-    compiled step costs without the engine's per-token read-back and sampling."""
+def gemv_peer(carry: Path, manifest: dict, bandwidth: float) -> list[dict]:
+    """Each decode GEMV of one Llama-2-7B layer by itself: the course's CUDA schedule, dlight's,
+    and PyTorch's int4 GEMV (``torch._weight_int4pack_mm``, the tinygemm kernel gpt-fast
+    uses: bfloat16 activations, group size 32, scales and zeros) on the same (n, k), timed
+    with CUDA events / TVM's time evaluator; GB/s = weight bytes read / time."""
     import numpy as np
+    import tvm
 
-    r, tvm = eng.runner, eng.runner.tvm
-    eng.reset()
-    eng.prefill(prompt)
-    ids = tvm.runtime.tensor(np.array([[1]], dtype="int32"), r.dev)
-    seq = len(prompt)
-    out = None
-    t0 = time.perf_counter()
-    for _ in range(n):
-        seq += 1
-        out = r.vm["decode"](ids, tvm.runtime.ShapeTuple([seq]), r.effects, r.params)
-        r.effects = out[1]
-    out[0].numpy()  # waits for the GPU
-    dt = time.perf_counter() - t0
-    eng.reset()
-    return n / dt
-
-
-def kernel_profile(eng, prompt: list[int], steps: int = 16) -> dict:
-    """Time every call the decode function makes (the VM's instrument hook, a device sync
-    around each call): top kernels by time per token, and the GB/s each reads (its argument
-    and output bytes over its time). Syncs add a few us per call, so the sum exceeds the
-    real step time; the ranking and the GEMV bandwidths are what this is for."""
-    import numpy as np
-
-    r, tvm = eng.runner, eng.runner.tvm
-    dev = r.dev
-    stats: dict[str, list] = {}
-    state = {"t": 0.0}
-
-    def instrument(func, name, before, ret, *args):
-        dev.sync()
-        if before:
-            state["t"] = time.perf_counter()
-            return 0
-        dt = time.perf_counter() - state["t"]
-        nbytes = sum(int(np.prod(a.shape)) * tvm.DataType(str(a.dtype)).bits // 8
-                     for a in args if hasattr(a, "shape") and hasattr(a, "dtype"))
-        st = stats.setdefault(str(name), [0.0, 0, 0])
-        st[0] += dt
-        st[1] += 1
-        st[2] = nbytes
-        return 0
-
-    eng.reset()
-    eng.prefill(prompt)
-    ids = tvm.runtime.tensor(np.array([[1]], dtype="int32"), dev)
-    seq = len(prompt)
-    r.vm.set_instrument(instrument)
+    meta = manifest.get("gemv")
+    if not meta:
+        return []
+    lib = tvm.runtime.load_module(str(carry / "lib" / meta["library"]))
+    dev = tvm.cuda(0)
+    rng = np.random.default_rng(0)
+    rows = []
+    for name, (n, k) in meta["shapes"].items():
+        x = tvm.runtime.tensor(rng.standard_normal((1, 1, k)).astype("float16"), dev)
+        qw = tvm.runtime.tensor(np.frombuffer(rng.bytes(n * k // 2), dtype=np.uint32).reshape(n, k // 8), dev)
+        sc = tvm.runtime.tensor(rng.uniform(0.002, 0.004, (n, k // 32)).astype("float16"), dev)
+        y = tvm.runtime.empty((1, 1, n), "float16", dev)
+        wbytes = n * k // 2 + n * (k // 32) * 2
+        row = {"linear": name, "n": n, "k": k, "weight_bytes": wbytes}
+        for kind in ("course", "dlight"):
+            f = lib.time_evaluator(f"gemv_{kind}_{name}", dev, number=50, repeat=5)
+            t = f(x, qw, sc, y).median
+            row[f"{kind}_us"] = round(t * 1e6, 2)
+            row[f"{kind}_GBps"] = round(wbytes / t / 1e9, 1)
+        rows.append(row)
     try:
-        for _ in range(steps):
-            seq += 1
-            out = r.vm["decode"](ids, tvm.runtime.ShapeTuple([seq]), r.effects, r.params)
-            r.effects = out[1]
-    finally:
-        r.vm.set_instrument(None)
-    eng.reset()
-    rows = [{"kernel": k, "us_per_token": round(v[0] / steps * 1e6, 1), "calls_per_token": v[1] // steps,
-             "GBps": round(v[2] * (v[1] / steps) / (v[0] / steps) / 1e9, 1) if v[0] else 0.0}
-            for k, v in stats.items()]
-    rows.sort(key=lambda x: -x["us_per_token"])
-    total = sum(x["us_per_token"] for x in rows)
-    return {"steps": steps, "sum_us_per_token_with_syncs": round(total, 1), "top": rows[:15]}
+        import torch
+
+        for row in rows:
+            n, k = row["n"], row["k"]
+            w = torch.randint(0, 16, (n, k), dtype=torch.int32, device="cuda")
+            packed_u8 = (w[:, 1::2] << 4 | w[:, ::2]).to(torch.uint8)
+            wp = torch.ops.aten._convert_weight_to_int4pack(packed_u8, 8)
+            sz = torch.rand(k // 32, n, 2, dtype=torch.bfloat16, device="cuda")
+            xb = torch.randn(1, k, dtype=torch.bfloat16, device="cuda")
+            f = lambda: torch.ops.aten._weight_int4pack_mm(xb, wp, 32, sz)  # noqa: E731
+            for _ in range(10):
+                f()
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(200):
+                f()
+            end.record()
+            torch.cuda.synchronize()
+            t = start.elapsed_time(end) / 1e3 / 200
+            tb = n * k // 2 + n * (k // 32) * 4  # int4 + bf16 scale and zero per group
+            row.update(torch_int4_us=round(t * 1e6, 2), torch_int4_GBps=round(tb / t / 1e9, 1),
+                       torch_weight_bytes=tb)
+        torch_version = torch.__version__
+    except Exception as e:  # noqa: BLE001
+        torch_version = f"unavailable: {type(e).__name__}: {str(e)[:200]}"
+    for row in rows:
+        log(f"  GEMV {row['linear']:<13} {row['n']:>6}x{row['k']:<6} course {row['course_GBps']:7.0f} GB/s  "
+            f"dlight {row['dlight_GBps']:7.0f} GB/s  torch int4 {row.get('torch_int4_GBps', '-')} GB/s")
+    return [{"model": meta["model"], "quantization": meta["quantization"], "copy_bandwidth_GBps": round(bandwidth, 1),
+             "torch": torch_version, "rows": rows}]
 
 
 def transformers_peer(cfg_dict: dict, bandwidth: float, prompt_len: int, new_tokens: int) -> dict:
@@ -426,7 +587,11 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--budget-s", type=float, default=420, help="skip later stages past this")
-    ap.add_argument("--skip", default="", help="comma-separated stages to skip: tiny,llama,peer")
+    ap.add_argument("--skip", default="", help="comma-separated stages to skip: tiny,tp,llama,gemv,peer")
+    ap.add_argument("--only", default="", help="comma-separated library names (or substrings) to run")
+    ap.add_argument("--name", default="gpu_run.json", help="file name of the results under --out")
+    ap.add_argument("--tp-modes", default="nograph,graph",
+                    help="2-GPU runs: without and/or with each worker replaying CUDA graphs")
     args = ap.parse_args(argv)
     t_start = time.time()
     deadline = t_start + args.budget_s
@@ -434,16 +599,29 @@ def main(argv=None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     skip = set(filter(None, args.skip.split(",")))
     info = gpu_info()
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from mlc_course.gpu import cuda_device_count
+
+    info["gpus"] = cuda_device_count()
     meta = {"date": time.strftime("%Y-%m-%d", time.gmtime()), "gpu": info["gpu"], "driver": info["driver"],
             "command": "python3 scripts/gpu_run.py " + " ".join(sys.argv[1:] if argv is None else argv)}
-    doc = {"machine": info, "records": [], "correctness": [], "errors": [], "stages_s": {}}
+    doc = {"machine": info, "records": [], "correctness": [], "tp_correctness": [], "gemv": [],
+           "errors": [], "stages_s": {}}
 
     def save():
-        doc["records"] = [{**r, **{k: r.get(k, v) for k, v in meta.items()}} for r in doc["records"]]
-        (out_dir / "gpu_h100.json").write_text(json.dumps(doc, indent=1))
+        # in place: stages append to this very list as they go
+        doc["records"][:] = [{**r, **{k: r.get(k, v) for k, v in meta.items()}} for r in doc["records"]]
+        (out_dir / args.name).write_text(json.dumps(doc, indent=1))
 
-    def stage(name, fn):
+    def stage(name, fn, timeout_s: float = 300):
+        import faulthandler
+
         t0 = time.time()
+        log(f"== {name}")
+        # a stage that hangs (a collective waiting for a peer that died, say) prints every
+        # thread's stack and ends the run instead of eating the machine's time
+        faulthandler.dump_traceback_later(timeout_s, exit=True)
         try:
             return fn()
         except Exception as e:  # noqa: BLE001
@@ -452,6 +630,7 @@ def main(argv=None) -> int:
             traceback.print_exc()
             doc["errors"].append({"stage": name, "error": f"{type(e).__name__}: {str(e).strip()[-500:]}"})
         finally:
+            faulthandler.cancel_dump_traceback_later()
             doc["stages_s"][name] = round(time.time() - t0, 1)
             save()
 
@@ -461,19 +640,35 @@ def main(argv=None) -> int:
     log(f"copy bandwidth {bandwidth:.0f} GB/s")
     tvm = stage("runtime", lambda: setup_runtime(carry))
     manifest = json.loads((carry / "lib" / "manifest.json").read_text())
+    if args.only:
+        wanted = args.only.split(",")
+        manifest["libraries"] = {k: v for k, v in manifest["libraries"].items() if any(w in k for w in wanted)}
+    two = info["gpus"] >= 2
+    # most important first: a stage that hangs ends the run (see stage)
     if tvm is not None:
-        if "tiny" not in skip:
-            doc["correctness"] = stage("tiny", lambda: tiny_correctness(carry, manifest)) or []
         if "llama" not in skip:
-            recs = stage("llama2-7b", lambda: llama_speed(carry, manifest, bandwidth, args.prompt_tokens,
-                                                          args.new_tokens, args.runs, deadline - 120)) or []
-            doc["records"] += recs
+            stage("llama", lambda: llama_speed(
+                carry, manifest, bandwidth, args.prompt_tokens, args.new_tokens, args.runs, deadline - 200,
+                sink=doc["records"], save=save), timeout_s=args.budget_s)
+        if "tiny" not in skip:
+            doc["correctness"] = stage("tiny", lambda: tiny_correctness(carry, manifest), 60) or []
+        if "gemv" not in skip:
+            doc["gemv"] = stage("gemv", lambda: gemv_peer(carry, manifest, bandwidth), 60) or []
         doc["cuda_compile"] = COMPILE_LOG
-    big = [m for m in manifest["libraries"].values() if m["model"] != "tiny"]
-    if "peer" not in skip and big and time.time() < deadline:
-        rec = stage("peer", lambda: transformers_peer(big[0]["config"], bandwidth, args.prompt_tokens, args.new_tokens))
+    seven = next((m for m in manifest["libraries"].values() if m["model"] == "llama2-7b"), None)
+    if "peer" not in skip and seven and time.time() < deadline:
+        rec = stage("peer", lambda: transformers_peer(seven["config"], bandwidth, args.prompt_tokens,
+                                                      args.new_tokens), 120)
         if rec:
             doc["records"].append(rec)
+    if tvm is not None and two and "tp" not in skip:
+        for graph in [m == "graph" for m in args.tp_modes.split(",") if m]:
+            if "tiny" not in skip:
+                doc["tp_correctness"] += stage(f"tiny_tp{'_graph' if graph else ''}",
+                                               lambda: tiny_tp(carry, manifest, graph=graph), 90) or []
+            stage(f"llama_tp2{'_graph' if graph else ''}", lambda: tp_speed(
+                carry, manifest, bandwidth, args.prompt_tokens, args.new_tokens, args.runs, deadline - 30,
+                graph=graph, sink=doc["records"], save=save), max(30, deadline - time.time()))
     doc["total_s"] = round(time.time() - t_start, 1)
     save()
     print("\n%-28s %-13s %9s %9s %9s  %s" % ("model", "quantization", "tok/s", "ceiling", "fraction", "engine"))
@@ -482,6 +677,8 @@ def main(argv=None) -> int:
                                               r.get("ceiling_tok_per_s"), r.get("fraction_of_ceiling"), r["engine"]))
     for c in doc["correctness"]:
         print(f"tiny {c['quantization']:8s} ok={c.get('ok')} rel_diff={c.get('rel_diff')} argmax={c.get('argmax_agree')} {c.get('error', '')}")
+    for c in doc["tp_correctness"]:
+        print(f"tiny TP2 {c['quantization']:8s} ok={c.get('ok')} rel_diff={c.get('max_rel_diff')} same_tokens={c.get('same_tokens')} {c.get('error', '')}")
     print(f"errors: {doc['errors']}")
     return 0 if not doc["errors"] else 1
 

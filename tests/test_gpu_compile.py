@@ -87,10 +87,11 @@ def test_carry_dry_run_excludes_the_compiler():
     assert not any("/3rdparty/" in f for f in files)
 
 
-def test_gpu_results_schema():
-    path = ROOT / "data" / "results" / "gpu_h100.json"
-    if not path.exists():
-        pytest.skip("no GPU results recorded yet")
+GPU_RESULTS = sorted((ROOT / "data" / "results").glob("gpu_h*.json"))
+
+
+@pytest.mark.parametrize("path", GPU_RESULTS, ids=[p.name for p in GPU_RESULTS])
+def test_gpu_results_schema(path):
     sys.path.insert(0, str(ROOT / "scripts"))
     from gpu_run import REQUIRED_KEYS
 
@@ -100,6 +101,18 @@ def test_gpu_results_schema():
         missing = [k for k in REQUIRED_KEYS if k not in rec]
         assert not missing, (rec.get("model"), missing)
         assert rec["decode_tok_per_s"] > 0 and 0 < rec["fraction_of_ceiling"] < 1.5
+    assert not doc.get("errors"), doc["errors"]
+
+
+def test_final_gpu_run_is_complete():
+    """The committed 2-GPU run has every configuration the course reports, all correct."""
+    doc = json.loads((ROOT / "data" / "results" / "gpu_h200x2.json").read_text())
+    got = {(r["model"], r["quantization"], r["shards"], r.get("cuda_graph")) for r in doc["records"]}
+    for model in ("llama2-7b", "codellama-34b", "llama2-70b"):
+        assert (model, "q4f16_1", 1, True) in got and (model, "q4f16_1", 2, True) in got, model
+    assert any(r["engine"].startswith("transformers") for r in doc["records"])
+    assert all(c["ok"] for c in doc["correctness"] + doc["tp_correctness"])
+    assert {r["linear"] for r in doc["gemv"][0]["rows"]} == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
 
 
 def test_course_cuda_gemv_keeps_the_epilogue_in_the_kernel():
