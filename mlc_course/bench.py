@@ -147,10 +147,58 @@ def time_reference_decode(reference, prompt_ids: list[int], steps: int = 8,
             "blas_threads": blas_threads if pinned else None}
 
 
+def gguf_bytes_per_token(path) -> int:
+    """Bytes llama.cpp reads per decode step from a GGUF: every tensor once (the linears in
+    their own block format, e.g. Q4_1 = 20 bytes per 32 weights; the tied embedding, read
+    whole as the output layer, in its format, e.g. Q8_0; the norms)."""
+    from .weights import _open_gguf
+
+    return int(sum(int(t.n_bytes) for t in _open_gguf(path).tensors))
+
+
+def time_llama_cpp_decode(gguf_path, prompt_ids: list[int], new_tokens: int = 32, repeats: int = 3,
+                          threads: int | None = None) -> dict | None:
+    """Greedy decode tok/s of llama.cpp (``llama-cpp-python``, an optional extra) on the
+    same GGUF and prompt ids: ``new_tokens`` evaluated one by one after the prompt, timed
+    ``repeats`` times after a warm-up, median. None when llama-cpp-python is not installed.
+
+    llama.cpp runs the GGUF's own kernels (Q4_1 weights times 8-bit-quantized activations,
+    integer dot products), on ``threads`` threads (default: the usable cores, as TVM's)."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    import numpy as np
+
+    threads = threads or _usable_cores()
+    llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=max(512, len(prompt_ids) + new_tokens + 8),
+                          n_threads=threads, n_threads_batch=threads, n_batch=512, verbose=False,
+                          logits_all=True)  # scores of the last position after each eval
+
+    def once(n: int) -> tuple[float, list[int]]:
+        llm.reset()
+        llm.eval(prompt_ids)
+        out, t0 = [], time.perf_counter()
+        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        out.append(tok)
+        for _ in range(n - 1):
+            llm.eval([tok])
+            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            out.append(tok)
+        return (n - 1) / (time.perf_counter() - t0), out
+
+    once(4)
+    runs = [once(new_tokens) for _ in range(repeats)]
+    tps = [r[0] for r in runs]
+    del llm
+    return {"decode_tok_per_s": statistics.median(tps), "decode_tok_per_s_runs": [round(x, 2) for x in tps],
+            "threads": threads, "version": llama_cpp.__version__, "output_ids": runs[0][1]}
+
+
 def run_cpu_bench(model: str = "smollm2-135m", schemes: Sequence[str] = ("q0f32", "q4f32_1"),
                   new_tokens: int = 32, out: str | Path | None = "data/results/cpu_bench.json",
                   prompt: str = DEFAULT_PROMPT, repeats: int = 3, reference_steps: int = 8,
-                  bandwidth_GBps: float | None = None, log=None) -> dict:
+                  bandwidth_GBps: float | None = None, log=None, threads: int | None = None) -> dict:
     """Benchmark single-batch decoding on the CPU; returns (and writes to ``out``) a dict:
 
     ``model, date, command, machine{cpu, cores, usable_cores, llvm_cpu, platform,
@@ -193,7 +241,7 @@ def run_cpu_bench(model: str = "smollm2-135m", schemes: Sequence[str] = ("q0f32"
     result: dict = {
         "model": model, "date": _dt.date.today().isoformat(),
         "command": "python -m mlc_course bench " + " ".join(f"--quantization {s}" for s in schemes)
-        + f" --new-tokens {new_tokens}",
+        + f" --new-tokens {new_tokens}" + (f" --threads {threads}" if threads else ""),
         "machine": cpu_info(),
         "prompt": prompt, "new_tokens": new_tokens, "repeats": repeats, "results": [],
     }
@@ -213,6 +261,12 @@ def run_cpu_bench(model: str = "smollm2-135m", schemes: Sequence[str] = ("q0f32"
     ref = ReferenceLlama(source.config, source.load_params())
     rt = time_reference_decode(ref, prompt_ids, reference_steps)
     del ref
+    lc = None
+    if getattr(source, "gguf_path", None) is not None:
+        log("timing llama.cpp on the same GGUF ...")
+        lc = time_llama_cpp_decode(source.gguf_path, prompt_ids, new_tokens, repeats, threads)
+        if lc is None:
+            log("  llama-cpp-python is not installed (pip install llama-cpp-python): skipped")
     log("measuring memory bandwidth again ...")
     bw_runs.append(measure_bandwidth())
     # a neighbour's work can only lower a measurement: the ceiling takes the best one
@@ -247,6 +301,26 @@ def run_cpu_bench(model: str = "smollm2-135m", schemes: Sequence[str] = ("q0f32"
                            "ceiling_tok_per_s": round(ceiling, 2),
                            "fraction_of_ceiling": round(rt["decode_tok_per_s"] / ceiling, 4)}
     log(f"NumPy reference: {rt['decode_tok_per_s']:.1f} tok/s")
+    engines = [{"engine": f"mlc_course {r['quantization']}", "quantization": r["quantization"],
+                "decode_tok_per_s": r["decode_tok_per_s"], "bytes_per_token": r["bytes_per_token"],
+                "ceiling_tok_per_s": r["ceiling_tok_per_s"], "fraction_of_ceiling": r["fraction_of_ceiling"]}
+               for r in result["results"]]
+    engines.append({"engine": "NumPy reference (float32, 1 BLAS thread)", "quantization": "float32",
+                    **{k: result["reference"][k] for k in ("decode_tok_per_s", "bytes_per_token",
+                                                             "ceiling_tok_per_s", "fraction_of_ceiling")}})
+    if lc is not None:
+        nbytes = gguf_bytes_per_token(source.gguf_path)
+        ceiling = ceiling_tok_per_s(nbytes, bw_used)
+        result["llama_cpp"] = {**{k: v for k, v in lc.items() if k != "output_ids"},
+                               "decode_tok_per_s": round(lc["decode_tok_per_s"], 2), "bytes_per_token": nbytes,
+                               "ceiling_tok_per_s": round(ceiling, 2),
+                               "fraction_of_ceiling": round(lc["decode_tok_per_s"] / ceiling, 4),
+                               "output_ids": lc["output_ids"]}
+        engines.append({"engine": f"llama.cpp {lc['version']} (Q4_1 GGUF, {lc['threads']} threads)",
+                        "quantization": "Q4_1 (GGUF)", **{k: result["llama_cpp"][k] for k in (
+                            "decode_tok_per_s", "bytes_per_token", "ceiling_tok_per_s", "fraction_of_ceiling")}})
+        log(f"llama.cpp: {lc['decode_tok_per_s']:.1f} tok/s")
+    result["engines"] = engines
     if out:
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)

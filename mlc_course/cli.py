@@ -108,8 +108,13 @@ def cmd_bench(args) -> int:
         return perf_model.predict_cli(args)
     from . import bench
 
-    result = bench.run_cpu_bench(model=args.model, schemes=args.quantization or ["q0f32", "q4f32_1"],
-                                 new_tokens=args.new_tokens, out=args.out)
+    if args.threads:
+        import os
+
+        os.environ["TVM_NUM_THREADS"] = str(args.threads)  # read when TVM's pool starts
+    result = bench.run_cpu_bench(model=args.model,
+                                 schemes=args.quantization or ["q0f32", "q4f32_1", "q4f32_asym"],
+                                 new_tokens=args.new_tokens, out=args.out, threads=args.threads)
     print(json.dumps(result, indent=1))
     return 0
 
@@ -179,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quantization", action="append", help="scheme(s) to run (repeatable)")
     b.add_argument("--device", default="cpu", choices=["cpu"])
     b.add_argument("--new-tokens", type=int, default=32)
+    b.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for TVM's kernels and llama.cpp (default: every usable core)")
     b.add_argument("--out", default="data/results/cpu_bench.json")
     b.add_argument("--predict", action="store_true", help="print the performance model's prediction")
     b.add_argument("--gpu", default="H100-SXM")

@@ -7,7 +7,8 @@ quantized weight) for the CPU:
 * the reduction over K is split into ``K/lanes`` steps of ``lanes`` consecutive elements
   and *rfactored*: each lane keeps its own partial sum, so the inner loop is a vector
   multiply-add over contiguous weights (LLVM may not reorder a float sum by itself);
-* the ``lanes`` partial sums are added at the end of each row.
+* the ``lanes`` partial sums are added at the end of each row;
+* two rows at a time walk K together, sharing each loaded chunk of activations.
 
 Stock dlight's CPU GEMV rule vectorises across output rows instead, which turns every weight
 load into a strided gather (and made LLVM run for minutes on this model). The rule class
@@ -45,8 +46,13 @@ def _is_gemv_func(func: tirx.PrimFunc) -> bool:
 
 
 def cpu_gemv_schedule(func: tirx.PrimFunc, lanes: int = 16, rows_per_task: int = 8,
-                      unroll: int = 2) -> s_tir.Schedule:
-    """Schedule a decode-shaped ``matmul`` block (b = s = 1) for the CPU; see module doc."""
+                      unroll: int = 1, row_block: int = 2) -> s_tir.Schedule:
+    """Schedule a decode-shaped ``matmul`` block (b = s = 1) for the CPU; see module doc.
+
+    ``row_block`` rows advance together through K (inside the K loop, unrolled): each chunk
+    of activations, loaded into a vector register once, serves that many rows (measured on
+    the course's 2-core Zen 4 VM: 2 rows make the 4-bit GEMVs 10-13% faster; the per-row
+    sums, and so the results, do not change)."""
     sch = s_tir.Schedule(func)
     block = sch.get_sblock("matmul")
     _, _, j, k = sch.get_loops(block)
@@ -56,10 +62,13 @@ def cpu_gemv_schedule(func: tirx.PrimFunc, lanes: int = 16, rows_per_task: int =
     partial = sch.rfactor(ki, factor_axis=3)  # partial sums, one per lane
     # partial block loops: b, s, j, ko, ki  ->  parallel rows, vector lanes innermost
     b, s, pj, pko, pki = sch.get_loops(partial)
-    jo, ji = sch.split(pj, factors=[None, rows_per_task])
-    sch.reorder(jo, ji, pko, pki)
+    row_block = row_block if row_block > 0 and rows_per_task % row_block == 0 else 1
+    jo, ji, jb = sch.split(pj, factors=[None, rows_per_task // row_block, row_block])
+    sch.reorder(jo, ji, pko, jb, pki)
     sch.parallel(sch.fuse(b, s, jo))
     sch.vectorize(pki)
+    if row_block > 1:
+        sch.unroll(jb)
     if unroll > 1 and int(sch.get(pko).extent) % unroll == 0:
         _, pku = sch.split(pko, factors=[None, unroll])
         sch.unroll(pku)

@@ -239,8 +239,9 @@ class ModelSource:
     synthetic weights, no tokenizer), a local Hugging Face folder, or a Hugging Face repo id.
     """
 
-    def __init__(self, config, load, tokenizer_factory, ident: str):
+    def __init__(self, config, load, tokenizer_factory, ident: str, gguf_path: Path | None = None):
         self.config, self._load, self._tok, self.ident = config, load, tokenizer_factory, ident
+        self.gguf_path = gguf_path  # the GGUF file the weights come from, if any (llama.cpp peer)
 
     def load_params(self) -> dict[str, np.ndarray]:
         return self._load()
@@ -266,7 +267,8 @@ def resolve_model(name: str) -> ModelSource:
         meta = gguf_metadata(path)
         cfg = config_from_gguf_metadata(meta, name, tie_embeddings=True)
         return ModelSource(cfg, lambda: load_gguf(path)[0],
-                           lambda: Tokenizer.from_gguf_metadata(meta, source=str(path)), _file_ident(path))
+                           lambda: Tokenizer.from_gguf_metadata(meta, source=str(path)), _file_ident(path),
+                           gguf_path=path)
     if name == "tiny":
         cfg = PRESETS["tiny"]
         return ModelSource(cfg, lambda: synthetic_params(cfg, seed=0, scale=0.1), None, "tiny-synthetic-seed0")
@@ -280,7 +282,8 @@ def resolve_model(name: str) -> ModelSource:
         names = {t.name for t in _open_gguf(folder).tensors}
         cfg = config_from_gguf_metadata(meta, folder.stem, tie_embeddings="output.weight" not in names)
         return ModelSource(cfg, lambda: load_gguf(folder)[0],
-                           lambda: Tokenizer.from_gguf_metadata(meta, source=str(folder)), _file_ident(folder))
+                           lambda: Tokenizer.from_gguf_metadata(meta, source=str(folder)), _file_ident(folder),
+                           gguf_path=folder)
     if not folder.is_dir():
         if "/" not in name or name.startswith((".", "/", "~")):
             raise ValueError(f"unknown model {name!r}: not a preset ({', '.join(PRESETS)}), "

@@ -99,3 +99,37 @@ def test_bench_cli(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["results"][0]["quantization"] == "q0f32"
     assert out.exists()
+
+
+def test_engines_table_and_tiny_has_no_llama_cpp(tmp_path):
+    res = bench.run_cpu_bench("tiny", ("q0f32",), new_tokens=3, out=None, repeats=1,
+                              reference_steps=2, log=lambda m: None)
+    names = [e["engine"] for e in res["engines"]]
+    assert names[0] == "mlc_course q0f32" and names[1].startswith("NumPy reference")
+    assert "llama_cpp" not in res  # the tiny model has no GGUF to give llama.cpp
+
+
+def test_gguf_bytes_per_token_counts_every_tensor(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    path = tmp_path / "m.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tensor("a", np.zeros((4, 8), np.float32))
+    w.add_tensor("b", np.zeros((16,), np.float16))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert bench.gguf_bytes_per_token(path) == 4 * 8 * 4 + 16 * 2
+
+
+def test_committed_cpu_bench_has_the_three_engines():
+    """data/results/cpu_bench.json: the course's 4-bit schemes, the NumPy reference and
+    llama.cpp measured in one run, with this machine's bandwidth."""
+    res = bench.load_results()
+    names = " | ".join(e["engine"] for e in res["engines"])
+    for needed in ("mlc_course q4f32_1", "mlc_course q4f32_asym", "NumPy reference", "llama.cpp"):
+        assert needed in names, names
+    assert all(0 < e["fraction_of_ceiling"] < 1.5 for e in res["engines"])
+    assert res["bandwidth_GBps"]["read_all_cores"] > 0
