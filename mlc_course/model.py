@@ -300,44 +300,51 @@ class Attention(nn.Module):
             self.k_cache = nn.KVCache(max_len, unit, act_dtype)
             self.v_cache = nn.KVCache(max_len, unit, act_dtype)
 
-    def forward(self, x: nn.Tensor, position) -> nn.Tensor:
-        """``position``: ``total_seq_len`` (a shape variable, dynamic cache) or the ``(1,)``
-        int32 tensor ``pos`` of the first new token (static cache)."""
+    def forward(self, x: nn.Tensor, total_seq_len: tirx.Var) -> nn.Tensor:
+        if self.static:  # kv="static": the position comes as a device tensor (notebook 06)
+            return self._forward_static(x, total_seq_len)
         b, s, _ = x.shape
         hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
-        scale = 1.0 / math.sqrt(d)
-        if self.static:
-            first = lambda p: p[0].astype("int64")  # noqa: E731  (read on the device)
-            q0, k, v = op.tensor_expr_op(
-                lambda t, p: _te_qkv_rope(t, p, hq, hkv, self.rope_theta, d), "qkv_rope",
-                [self.qkv_proj(x), position])
-            write_kv(self.k_cache, self.v_cache, k, v, position)
-            keys, values = self.k_cache.full(), self.v_cache.full()
-            scores = op.tensor_expr_op(
-                lambda qq, kk, p: _te_attention_scores(qq, kk, first(p), scale, skip_masked=True),
-                "attention_scores", [q0, keys, position])
-            probs = op.softmax(scores, axis=-1)
-            out = op.tensor_expr_op(
-                lambda pp, vv, p: _te_attention_output(pp, vv, x.dtype, first(p)),
-                "attention_output", [probs, values, position])
-        else:
-            qkv = op.reshape(self.qkv_proj(x), (b, s, hq + 2 * hkv, d))
-            q, k, v = op.split(qkv, [hq, hq + hkv], axis=2)
-            rope = lambda t, total: _te_rope(t, total - t.shape[1], self.rope_theta, d)  # noqa: E731
-            q = op.tensor_expr_op(rope, "rope", [q, position])
-            k = op.tensor_expr_op(rope, "rope", [k, position])
-            q0 = op.squeeze(q, axis=0)
-            self.k_cache.append(op.squeeze(k, axis=0))
-            self.v_cache.append(op.squeeze(v, axis=0))
-            keys = self.k_cache.view(position)
-            values = self.v_cache.view(position)
-            scores = op.tensor_expr_op(
-                lambda qq, kk: _te_attention_scores(qq, kk, kk.shape[0] - qq.shape[0], scale),
-                "attention_scores", [q0, keys])
-            probs = op.softmax(scores, axis=-1)
-            out = op.tensor_expr_op(lambda pp, vv: _te_attention_output(pp, vv, x.dtype),
-                                    "attention_output", [probs, values])
-        out = self.o_proj(op.reshape(out, (b, s, hq * d)))
+        qkv = op.reshape(self.qkv_proj(x), (b, s, hq + 2 * hkv, d))
+        q, k, v = op.split(qkv, [hq, hq + hkv], axis=2)
+        rope = lambda t, total: _te_rope(t, total - t.shape[1], self.rope_theta, d)  # noqa: E731
+        q = op.tensor_expr_op(rope, "rope", [q, total_seq_len])
+        k = op.tensor_expr_op(rope, "rope", [k, total_seq_len])
+        self.k_cache.append(op.squeeze(k, axis=0))
+        self.v_cache.append(op.squeeze(v, axis=0))
+        keys = self.k_cache.view(total_seq_len)
+        values = self.v_cache.view(total_seq_len)
+        q0 = op.squeeze(q, axis=0)
+        scores = op.tensor_expr_op(
+            lambda qq, kk: _te_attention_scores(qq, kk, kk.shape[0] - qq.shape[0], 1.0 / math.sqrt(d)),
+            "attention_scores", [q0, keys])
+        probs = op.softmax(scores, axis=-1)
+        out = op.tensor_expr_op(lambda pp, vv: _te_attention_output(pp, vv, x.dtype),
+                                "attention_output", [probs, values])
+        return self._project(out)
+
+    def _forward_static(self, x: nn.Tensor, pos: nn.Tensor) -> nn.Tensor:
+        """The same layer over the static cache: ``pos`` is the ``(1,)`` int32 tensor of the
+        first new token's position; q/k/v split + RoPE and the two cache writes are one kernel
+        each; attention masks (and never loads) the rows past the position."""
+        hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        first = lambda p: p[0].astype("int64")  # noqa: E731  (read on the device)
+        q0, k, v = op.tensor_expr_op(lambda t, p: _te_qkv_rope(t, p, hq, hkv, self.rope_theta, d),
+                                     "qkv_rope", [self.qkv_proj(x), pos])
+        write_kv(self.k_cache, self.v_cache, k, v, pos)
+        keys, values = self.k_cache.full(), self.v_cache.full()
+        scores = op.tensor_expr_op(
+            lambda qq, kk, p: _te_attention_scores(qq, kk, first(p), 1.0 / math.sqrt(d), skip_masked=True),
+            "attention_scores", [q0, keys, pos])
+        probs = op.softmax(scores, axis=-1)
+        out = op.tensor_expr_op(lambda pp, vv, p: _te_attention_output(pp, vv, x.dtype, first(p)),
+                                "attention_output", [probs, values, pos])
+        return self._project(out)
+
+    def _project(self, out: nn.Tensor) -> nn.Tensor:
+        """Output projection of the heads ``(s, heads, d)``, summed over workers when sharded."""
+        s = out.shape[0]
+        out = self.o_proj(op.reshape(out, (1, s, self.num_heads * self.head_dim)))
         if self.shards > 1:
             out = op.ccl_allreduce(out, "sum")
         return out
@@ -366,8 +373,8 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg, scheme, shards)
         self.eps = cfg.rms_norm_eps
 
-    def forward(self, x: nn.Tensor, position) -> nn.Tensor:
-        x = x + self.self_attn(_rms_norm(x, self.input_layernorm, self.eps), position)
+    def forward(self, x: nn.Tensor, total_seq_len: tirx.Var) -> nn.Tensor:
+        x = x + self.self_attn(_rms_norm(x, self.input_layernorm, self.eps), total_seq_len)
         return x + self.mlp(_rms_norm(x, self.post_attention_layernorm, self.eps))
 
 
