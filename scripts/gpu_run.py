@@ -321,21 +321,28 @@ def speed_record(eng, cfg, scheme: str, meta: dict, lib: str, bandwidth: float, 
         **({"kernels": kernels} if kernels else {})}
 
 
+def llama_libraries(manifest: dict, shards: int, deadline: float):
+    """(library, manifest entry, config, scheme, kv) of each Llama-shape library with
+    ``shards`` shards, while time is left."""
+    from mlc_course.config import LlamaConfig
+
+    for lib, meta in manifest["libraries"].items():
+        if meta["model"] == "tiny" or meta.get("shards", 1) != shards:
+            continue
+        if time.time() > deadline:
+            log(f"{lib}: skipped (time budget)")
+            continue
+        yield lib, meta, LlamaConfig(**meta["config"]), meta["quantization"], meta.get("kv", "dynamic")
+
+
 def llama_speed(carry: Path, manifest: dict, bandwidth: float, prompt_len: int, new_tokens: int,
                 runs: int, deadline: float, sink: list, save=lambda: None) -> None:
     """Every single-GPU Llama-shape library: static-KV ones replayed as CUDA graphs; the
     7B q4f16_1 static one (course GEMV) also without graphs, with its kernel profile (what the
     graph removes)."""
-    from mlc_course.config import LlamaConfig
     from mlc_course.engine import Engine
 
-    for lib, meta in manifest["libraries"].items():
-        if meta["model"] == "tiny" or meta.get("shards", 1) != 1:
-            continue
-        if time.time() > deadline:
-            log(f"{lib}: skipped (time budget)")
-            continue
-        cfg, scheme, kv = LlamaConfig(**meta["config"]), meta["quantization"], meta.get("kv", "dynamic")
+    for lib, meta, cfg, scheme, kv in llama_libraries(manifest, 1, deadline):
         modes = [kv == "static" or bool(meta.get("cuda_graph"))]
         if kv == "static" and cfg.name == "llama2-7b" and scheme == "q4f16_1" and meta.get("gemv") == "course":
             modes.append(False)
@@ -377,17 +384,10 @@ def tp_speed(carry: Path, manifest: dict, bandwidth: float, prompt_len: int, new
              runs: int, deadline: float, graph: bool = True, sink: list | None = None, save=lambda: None) -> None:
     """Every 2-shard Llama-shape library on 2 GPUs: disco workers, NCCL all-reduces, random
     weights made by each worker, each worker replaying its decode step as a CUDA graph."""
-    from mlc_course.config import LlamaConfig
     from mlc_course.engine import DiscoRunner, Engine
 
     entry = tp_setup(carry)
-    for lib, meta in manifest["libraries"].items():
-        if meta["model"] == "tiny" or meta.get("shards", 1) != 2:
-            continue
-        if time.time() > deadline:
-            log(f"{lib}: skipped (time budget)")
-            continue
-        cfg, scheme, kv = LlamaConfig(**meta["config"]), meta["quantization"], meta.get("kv", "dynamic")
+    for lib, meta, cfg, scheme, kv in llama_libraries(manifest, 2, deadline):
         graph = graph and kv == "static"
         t0 = time.time()
         runner = DiscoRunner(carry / "lib" / lib, None, [], "cuda", 2, kv=kv, graph=graph,
