@@ -1,15 +1,15 @@
-"""Decode benchmark on this machine's CPU, next to its bandwidth ceiling.
+"""Decode benchmark on this machine's CPU, next to its bandwidth ceiling and its peers.
 
 ``run_cpu_bench`` measures what notebook 01 predicts: single-batch decode reads every weight
-once per token, so ``tok/s <= bandwidth / bytes per token``. For each scheme it runs the
-compiled engine greedily on a fixed prompt (after a warm-up; median of a few runs) and
-reports decode tok/s, the weight bytes a decode step reads (``LlamaConfig.bytes_per_token``),
-the ceiling from this CPU's measured memory bandwidth
-(:func:`mlc_course.hardware.measure_cpu_bandwidth`, one NumPy copy on one core) and the
-fraction of it reached. The independent NumPy reference (:class:`~mlc_course.reference.
-ReferenceLlama`, float32 weights) is timed in the same run, as the baseline a reader could
-write without a compiler. ``python -m mlc_course bench`` writes the result to
-``data/results/cpu_bench.json``.
+once per token, so ``tok/s <= bandwidth / bytes per token``. It loads the compiled engine for
+each scheme and, when ``llama-cpp-python`` is installed, llama.cpp on the same GGUF, warms them
+up, then times greedy generations round-robin (every engine once per round, so a neighbour's
+load on a shared machine slows all of them alike) and reports per engine the median decode
+tok/s, the weight bytes a decode step reads (``LlamaConfig.bytes_per_token``; for llama.cpp
+the GGUF's tensors), the ceiling from this CPU's measured memory bandwidth and the fraction of
+it reached. The independent NumPy reference (:class:`~mlc_course.reference.ReferenceLlama`,
+float32 weights) is timed in the same run, as the baseline a reader could write without a
+compiler. ``python -m mlc_course bench`` writes the result to ``data/results/cpu_bench.json``.
 """
 
 from __future__ import annotations
@@ -108,19 +108,6 @@ def _prompt_ids(engine, prompt: str) -> list[int]:
     return engine.encode_prompt(prompt)
 
 
-def time_engine_decode(engine, prompt_ids: list[int], new_tokens: int = 32, repeats: int = 3,
-                       warmup_tokens: int = 4) -> dict:
-    """Greedy generation of exactly ``new_tokens`` (no stop at EOS), timed ``repeats`` times
-    after a short warm-up; decode and prefill tok/s as medians."""
-    engine.generate(prompt_ids, max_new_tokens=warmup_tokens, stop_ids=())
-    runs = [engine.generate(prompt_ids, max_new_tokens=new_tokens, stop_ids=())
-            for _ in range(repeats)]
-    return {"decode_tok_per_s": statistics.median(r.decode_tok_per_s for r in runs),
-            "decode_tok_per_s_runs": [round(r.decode_tok_per_s, 2) for r in runs],
-            "prefill_tok_per_s": statistics.median(r.prefill_tok_per_s for r in runs),
-            "output_ids": runs[0].output_ids}
-
-
 def time_reference_decode(reference, prompt_ids: list[int], steps: int = 8,
                           blas_threads: int | None = 1) -> dict:
     """Decode tok/s of the NumPy reference: prefill the prompt, then ``steps`` greedy
@@ -156,26 +143,26 @@ def gguf_bytes_per_token(path) -> int:
     return int(sum(int(t.n_bytes) for t in _open_gguf(path).tensors))
 
 
-def time_llama_cpp_decode(gguf_path, prompt_ids: list[int], new_tokens: int = 32, repeats: int = 3,
-                          threads: int | None = None) -> dict | None:
-    """Greedy decode tok/s of llama.cpp (``llama-cpp-python``, an optional extra) on the
-    same GGUF and prompt ids: ``new_tokens`` evaluated one by one after the prompt, timed
-    ``repeats`` times after a warm-up, median. None when llama-cpp-python is not installed.
+class LlamaCppRunner:
+    """llama.cpp (``llama-cpp-python``, an optional extra) on a GGUF, greedy decoding from
+    prompt ids, one timed generation per call: the peer of the course's engine in the CPU bench.
 
     llama.cpp runs the GGUF's own kernels (Q4_1 weights times 8-bit-quantized activations,
     integer dot products), on ``threads`` threads (default: the usable cores, as TVM's)."""
-    try:
+
+    def __init__(self, gguf_path, n_ctx: int = 512, threads: int | None = None):
         import llama_cpp
-    except ImportError:
-        return None
-    import numpy as np
 
-    threads = threads or _usable_cores()
-    llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=max(512, len(prompt_ids) + new_tokens + 8),
-                          n_threads=threads, n_threads_batch=threads, n_batch=512, verbose=False,
-                          logits_all=True)  # scores of the last position after each eval
+        self.version, self.threads = llama_cpp.__version__, threads or _usable_cores()
+        self.llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_threads=self.threads,
+                                   n_threads_batch=self.threads, n_batch=512, verbose=False,
+                                   logits_all=True)  # scores of the last position after each eval
 
-    def once(n: int) -> tuple[float, list[int]]:
+    def generate(self, prompt_ids: list[int], n: int) -> tuple[float, list[int]]:
+        """(decode tok/s over the n - 1 tokens after the first, the n greedy ids)."""
+        import numpy as np
+
+        llm = self.llm
         llm.reset()
         llm.eval(prompt_ids)
         out, t0 = [], time.perf_counter()
@@ -187,18 +174,20 @@ def time_llama_cpp_decode(gguf_path, prompt_ids: list[int], new_tokens: int = 32
             out.append(tok)
         return (n - 1) / (time.perf_counter() - t0), out
 
-    once(4)
-    runs = [once(new_tokens) for _ in range(repeats)]
-    tps = [r[0] for r in runs]
-    del llm
-    return {"decode_tok_per_s": statistics.median(tps), "decode_tok_per_s_runs": [round(x, 2) for x in tps],
-            "threads": threads, "version": llama_cpp.__version__, "output_ids": runs[0][1]}
+    @staticmethod
+    def available() -> bool:
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError:
+            return False
+        return True
 
 
 def run_cpu_bench(model: str = "smollm2-135m", schemes: Sequence[str] = ("q0f32", "q4f32_1"),
                   new_tokens: int = 32, out: str | Path | None = "data/results/cpu_bench.json",
-                  prompt: str = DEFAULT_PROMPT, repeats: int = 3, reference_steps: int = 8,
-                  bandwidth_GBps: float | None = None, log=None, threads: int | None = None) -> dict:
+                  prompt: str = DEFAULT_PROMPT, repeats: int = 5, reference_steps: int = 8,
+                  bandwidth_GBps: float | None = None, log=None, threads: int | None = None,
+                  settle_s: float = 0.5) -> dict:
     """Benchmark single-batch decoding on the CPU; returns (and writes to ``out``) a dict:
 
     ``model, date, command, machine{cpu, cores, usable_cores, llvm_cpu, platform,
@@ -245,28 +234,55 @@ def run_cpu_bench(model: str = "smollm2-135m", schemes: Sequence[str] = ("q0f32"
         "machine": cpu_info(),
         "prompt": prompt, "new_tokens": new_tokens, "repeats": repeats, "results": [],
     }
-    source = prompt_ids = None
-    timings = []
+    # Every engine stays loaded and the timed runs go round-robin (engine 1, 2, ..., llama.cpp,
+    # then again): a neighbour's load on a shared machine slows each engine alike instead of
+    # whichever happened to run at the time. Medians of the rounds. Before each run a pause
+    # lets the previous engine's worker threads stop spinning (TVM's pool and llama.cpp's
+    # both spin-wait for a while after a parallel region): measured back to back on 2
+    # cores, llama.cpp right after TVM ran at 80-134 tok/s instead of ~130.
+    engines = {}
     for scheme in schemes:
-        log(f"benchmarking {model} {scheme} ...")
-        with Engine(model, scheme, quiet=True) as eng:
-            if prompt_ids is None:
-                prompt_ids, source = _prompt_ids(eng, prompt), eng.source
-                if eng.tokenizer is None:
-                    result["prompt"] = None
-                result["prompt_tokens"] = len(prompt_ids)
-            timings.append(time_engine_decode(eng, prompt_ids, new_tokens, repeats))
-        log(f"  {timings[-1]['decode_tok_per_s']:.1f} tok/s")
+        log(f"loading {model} {scheme} ...")
+        engines[scheme] = Engine(model, scheme, quiet=True)
+    first = engines[schemes[0]]
+    prompt_ids, source = _prompt_ids(first, prompt), first.source
+    if first.tokenizer is None:
+        result["prompt"] = None
+    result["prompt_tokens"] = len(prompt_ids)
+    lc = None
+    if getattr(source, "gguf_path", None) is not None:
+        if LlamaCppRunner.available():
+            lc = LlamaCppRunner(source.gguf_path, n_ctx=max(512, len(prompt_ids) + new_tokens + 8), threads=threads)
+        else:
+            log("llama-cpp-python is not installed (pip install llama-cpp-python): no llama.cpp peer")
+    runs: dict[str, list] = {s: [] for s in schemes}
+    lc_runs: list = []
+    try:
+        for eng in engines.values():  # warm-up
+            eng.generate(prompt_ids, max_new_tokens=4, stop_ids=())
+        if lc:
+            lc.generate(prompt_ids, 4)
+        for r in range(repeats):
+            log(f"round {r + 1} of {repeats} ...")
+            for scheme, eng in engines.items():
+                time.sleep(settle_s)
+                runs[scheme].append(eng.generate(prompt_ids, max_new_tokens=new_tokens, stop_ids=()))
+            if lc:
+                time.sleep(settle_s)
+                lc_runs.append(lc.generate(prompt_ids, new_tokens))
+    finally:
+        for eng in engines.values():
+            eng.close()
+    timings = [{"decode_tok_per_s": statistics.median(x.decode_tok_per_s for x in runs[s]),
+                "decode_tok_per_s_runs": [round(x.decode_tok_per_s, 2) for x in runs[s]],
+                "prefill_tok_per_s": statistics.median(x.prefill_tok_per_s for x in runs[s]),
+                "output_ids": runs[s][0].output_ids} for s in schemes]
+    for scheme, t in zip(schemes, timings):
+        log(f"  {scheme}: {t['decode_tok_per_s']:.1f} tok/s")
     log("timing the NumPy reference ...")
     ref = ReferenceLlama(source.config, source.load_params())
     rt = time_reference_decode(ref, prompt_ids, reference_steps)
     del ref
-    lc = None
-    if getattr(source, "gguf_path", None) is not None:
-        log("timing llama.cpp on the same GGUF ...")
-        lc = time_llama_cpp_decode(source.gguf_path, prompt_ids, new_tokens, repeats, threads)
-        if lc is None:
-            log("  llama-cpp-python is not installed (pip install llama-cpp-python): skipped")
     log("measuring memory bandwidth again ...")
     bw_runs.append(measure_bandwidth())
     # a neighbour's work can only lower a measurement: the ceiling takes the best one
@@ -301,26 +317,27 @@ def run_cpu_bench(model: str = "smollm2-135m", schemes: Sequence[str] = ("q0f32"
                            "ceiling_tok_per_s": round(ceiling, 2),
                            "fraction_of_ceiling": round(rt["decode_tok_per_s"] / ceiling, 4)}
     log(f"NumPy reference: {rt['decode_tok_per_s']:.1f} tok/s")
-    engines = [{"engine": f"mlc_course {r['quantization']}", "quantization": r["quantization"],
+    table = [{"engine": f"mlc_course {r['quantization']}", "quantization": r["quantization"],
                 "decode_tok_per_s": r["decode_tok_per_s"], "bytes_per_token": r["bytes_per_token"],
                 "ceiling_tok_per_s": r["ceiling_tok_per_s"], "fraction_of_ceiling": r["fraction_of_ceiling"]}
                for r in result["results"]]
-    engines.append({"engine": "NumPy reference (float32, 1 BLAS thread)", "quantization": "float32",
+    table.append({"engine": "NumPy reference (float32, 1 BLAS thread)", "quantization": "float32",
                     **{k: result["reference"][k] for k in ("decode_tok_per_s", "bytes_per_token",
                                                              "ceiling_tok_per_s", "fraction_of_ceiling")}})
     if lc is not None:
         nbytes = gguf_bytes_per_token(source.gguf_path)
         ceiling = ceiling_tok_per_s(nbytes, bw_used)
-        result["llama_cpp"] = {**{k: v for k, v in lc.items() if k != "output_ids"},
-                               "decode_tok_per_s": round(lc["decode_tok_per_s"], 2), "bytes_per_token": nbytes,
-                               "ceiling_tok_per_s": round(ceiling, 2),
-                               "fraction_of_ceiling": round(lc["decode_tok_per_s"] / ceiling, 4),
-                               "output_ids": lc["output_ids"]}
-        engines.append({"engine": f"llama.cpp {lc['version']} (Q4_1 GGUF, {lc['threads']} threads)",
-                        "quantization": "Q4_1 (GGUF)", **{k: result["llama_cpp"][k] for k in (
-                            "decode_tok_per_s", "bytes_per_token", "ceiling_tok_per_s", "fraction_of_ceiling")}})
-        log(f"llama.cpp: {lc['decode_tok_per_s']:.1f} tok/s")
-    result["engines"] = engines
+        tps = statistics.median(x[0] for x in lc_runs)
+        result["llama_cpp"] = {"version": lc.version, "threads": lc.threads,
+                               "decode_tok_per_s": round(tps, 2),
+                               "decode_tok_per_s_runs": [round(x[0], 2) for x in lc_runs],
+                               "bytes_per_token": nbytes, "ceiling_tok_per_s": round(ceiling, 2),
+                               "fraction_of_ceiling": round(tps / ceiling, 4), "output_ids": lc_runs[0][1]}
+        table.append({"engine": f"llama.cpp {lc.version} (Q4_1 GGUF, {lc.threads} threads)",
+                      "quantization": "Q4_1 (GGUF)", **{k: result["llama_cpp"][k] for k in (
+                          "decode_tok_per_s", "bytes_per_token", "ceiling_tok_per_s", "fraction_of_ceiling")}})
+        log(f"llama.cpp: {tps:.1f} tok/s")
+    result["engines"] = table
     if out:
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -114,7 +114,8 @@ def cmd_bench(args) -> int:
         os.environ["TVM_NUM_THREADS"] = str(args.threads)  # read when TVM's pool starts
     result = bench.run_cpu_bench(model=args.model,
                                  schemes=args.quantization or ["q0f32", "q4f32_1", "q4f32_asym"],
-                                 new_tokens=args.new_tokens, out=args.out, threads=args.threads)
+                                 new_tokens=args.new_tokens, out=args.out, threads=args.threads,
+                                 repeats=args.repeats)
     print(json.dumps(result, indent=1))
     return 0
 
@@ -184,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quantization", action="append", help="scheme(s) to run (repeatable)")
     b.add_argument("--device", default="cpu", choices=["cpu"])
     b.add_argument("--new-tokens", type=int, default=32)
+    b.add_argument("--repeats", type=int, default=5, help="timed rounds over all engines (medians)")
     b.add_argument("--threads", type=int, default=None,
                    help="CPU threads for TVM's kernels and llama.cpp (default: every usable core)")
     b.add_argument("--out", default="data/results/cpu_bench.json")
