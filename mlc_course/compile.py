@@ -174,9 +174,9 @@ def pipeline_stages(target, gemv: str = "dlight") -> list[tuple[str, list]]:
     if is_gpu(target):
         rules = gpu_rules(gemv)
     else:
-        from .schedules import CpuGEMV
+        from .schedules import CpuGEMV, CpuParallel
 
-        rules = [CpuGEMV()]
+        rules = [CpuGEMV(), CpuParallel()]
     schedule = [dl.ApplyDefaultSchedule(*rules)] if rules else []
     lower = [relax.transform.RewriteDataflowReshape(), relax.transform.ToNonDataflow(),
              relax.transform.RemovePurityChecking(), relax.transform.CallTIRRewrite(),

@@ -96,6 +96,54 @@ class CpuGEMV(dl.ScheduleRule):
             return None
 
 
+def cpu_parallel_schedule(func: tirx.PrimFunc, min_work: int = 16384) -> s_tir.Schedule | None:
+    """Every other kernel on the CPU: each block's leading spatial loops, fused, run in
+    parallel over the cores — prefill's linears (a dynamic number of rows), attention's score
+    and output kernels, softmax. Blocks with less than ``min_work`` iterations in all stay on
+    one core: a parallel region costs about a microsecond to start and join, more than a
+    576-wide RMSNorm or RoPE of one token takes. None when no block qualifies."""
+    from tvm.s_tir.dlight.analysis import normalize_prim_func
+
+    sch = s_tir.Schedule(func)
+    try:
+        infos = normalize_prim_func(sch)
+    except Exception:  # noqa: BLE001  (a layout dlight cannot normalise: leave it as written)
+        return None
+    if not infos:
+        return None
+    changed = False
+    for info in infos:
+        spatial = []
+        for it in info.iters:
+            if it.kind != "S":
+                break
+            spatial.append(it)
+        if not spatial:
+            continue
+        work = 1
+        for it in info.iters:
+            dom = it.dom
+            work = None if work is None or not isinstance(dom, int) else work * dom
+        if work is not None and work < min_work:
+            continue
+        loops = [it.loop_rv for it in spatial]
+        sch.parallel(sch.fuse(*loops) if len(loops) > 1 else loops[0])
+        changed = True
+    return sch if changed else None
+
+
+class CpuParallel(dl.ScheduleRule):
+    """dlight rule wrapper for :func:`cpu_parallel_schedule` (after :class:`CpuGEMV`)."""
+
+    def apply(self, func, target, _tunable):  # noqa: D401
+        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
+            return None
+        try:
+            return cpu_parallel_schedule(func)
+        except Exception:  # noqa: BLE001
+            return None
+
+
 # ----------------------------------------------------------------------------- CUDA GEMV
 
 
