@@ -59,13 +59,15 @@ def _graph_release() -> None:
 
 
 def main() -> None:
+    """TVM's worker loop. It ends when the controller closes its pipes (an ``OSError`` then)
+    or the session is interrupted: both are the normal end of a worker, not errors."""
     from tvm.exec import disco_worker
 
-    disco_worker.main()
+    try:
+        disco_worker.main()
+    except (OSError, KeyboardInterrupt):
+        pass
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (OSError, KeyboardInterrupt):
-        pass
+    main()

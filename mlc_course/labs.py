@@ -743,7 +743,7 @@ def check_lab2(shard_mlp: Callable, tp_mlp: Callable) -> LabReport:
         if all(o.tobytes() == outs[0].tobytes() for o in outs[1:]):
             return True, "all ranks hold bitwise the same output"
         close = all(np.allclose(o, outs[0], rtol=1e-5, atol=1e-6) for o in outs[1:])
-        return False, ((f"ranks' outputs differ in the last bits" if close else
+        return False, (("ranks' outputs differ in the last bits" if close else
                         "ranks return different outputs")
                        + ": every rank must end with exactly the same numbers (take them from the "
                          "all-reduce), or greedy decoding on the ranks can diverge.")
@@ -1070,52 +1070,65 @@ def check_lab4(shard_layer: Callable, find_shard_counts: Callable) -> LabReport:
                               else f"{s} head{'s' if len(hs) > 1 else ''} {_ranges(hs)}"
                               for s, hs in parts)
 
-    def qkv_by_head_groups():
+    def first_wrong(key):
+        """The first case where a worker's ``key`` differs from the reference sharding:
+        (cfg, n, worker, the unsharded layer, the student's shards, the reference shards)."""
         for cfg, n in cases:
             layer, got = student(cfg, n)
             ref = _ref_shard_layer(layer, cfg, n)
             for r in range(n):
-                g = got[r]["qkv_proj"]
-                if g.shape == ref[r]["qkv_proj"].shape and np.array_equal(g, ref[r]["qkv_proj"]):
-                    continue
-                full = layer["qkv_proj"]
-                want = describe_qkv(cfg, _row_index(full, ref[r]["qkv_proj"]))
-                have = describe_qkv(cfg, _row_index(full, g))
-                per = cfg.num_heads // cfg.num_kv_heads
-                msg = (f"{cfg.name}, n={n}: worker {r} must hold {want}, in this order (query head "
-                       f"i attends with KV head i // {per}, so a worker's KV heads are those of its "
-                       f"query heads); yours holds {have}.")
-                blocks = np.split(full, n, axis=0)
-                if all(np.array_equal(got[q]["qkv_proj"], blocks[q]) for q in range(n)):
-                    msg += (" You cut the fused [Q; K; V] weight as one block: split each of the "
-                            "three segments (Q, K, V) n ways and stack worker r's pieces.")
-                return False, msg
-        return True, "fused QKV split per segment by head groups: worker r has its Q heads and their KV heads"
+                g = got[r][key]
+                if not (g.shape == ref[r][key].shape and np.array_equal(g, ref[r][key])):
+                    return cfg, n, r, layer, got, ref
+        return None
+
+    def first_wrong_rows(key):
+        """For a fused, row-split weight: (cfg, n, worker, the rows it must hold, the rows it
+        holds, whether the student cut the fused weight as one block), or None."""
+        wrong = first_wrong(key)
+        if wrong is None:
+            return None
+        cfg, n, r, layer, got, ref = wrong
+        full = layer[key]
+        blocks = np.split(full, n, axis=0)
+        one_block = all(np.array_equal(got[q][key], blocks[q]) for q in range(n))
+        return cfg, n, r, _row_index(full, ref[r][key]), _row_index(full, got[r][key]), one_block
+
+    def qkv_by_head_groups():
+        wrong = first_wrong_rows("qkv_proj")
+        if wrong is None:
+            return True, "fused QKV split per segment by head groups: worker r has its Q heads and their KV heads"
+        cfg, n, r, want, have, one_block = wrong
+        per = cfg.num_heads // cfg.num_kv_heads
+        msg = (f"{cfg.name}, n={n}: worker {r} must hold {describe_qkv(cfg, want)}, in this order (query head "
+               f"i attends with KV head i // {per}, so a worker's KV heads are those of its "
+               f"query heads); yours holds {describe_qkv(cfg, have)}.")
+        if one_block:
+            msg += (" You cut the fused [Q; K; V] weight as one block: split each of the "
+                    "three segments (Q, K, V) n ways and stack worker r's pieces.")
+        return False, msg
 
     def columns_check(key, what):
         def check():
-            for cfg, n in cases:
-                layer, got = student(cfg, n)
-                ref = _ref_shard_layer(layer, cfg, n)
-                for r in range(n):
-                    g = got[r][key]
-                    if g.shape == ref[r][key].shape and np.array_equal(g, ref[r][key]):
-                        continue
-                    if g.shape != ref[r][key].shape:
-                        return False, (f"{cfg.name}, n={n}: worker {r}'s {key} has shape {g.shape}, "
-                                       f"expected {ref[r][key].shape}: {key} is row-parallel, so it "
-                                       f"keeps all output rows and splits its input columns (axis 1).")
-                    full = layer[key]
-                    cols = _row_index(full.T.copy(), g.T) if g.ndim == 2 and g.shape[0] == full.shape[0] else None
-                    unit = cfg.head_dim if key == "o_proj" else 1
-                    name = "Q heads" if key == "o_proj" else "MLP units"
-                    want = _ranges(sorted({i // unit for i in _row_index(full.T.copy(), ref[r][key].T)}))
-                    have = ("columns that are not columns of the weight" if cols is None or None in cols
-                            else f"the columns of {name} {_ranges(sorted({i // unit for i in cols}))}")
-                    return False, (f"{cfg.name}, n={n}: {key} is row-parallel: worker r keeps all "
-                                   f"output rows and the input columns of {what} — worker {r}: "
-                                   f"{name} {want}; yours has {have}.")
-            return True, f"{key} split by input columns, matching {what}"
+            wrong = first_wrong(key)
+            if wrong is None:
+                return True, f"{key} split by input columns, matching {what}"
+            cfg, n, r, layer, got, ref = wrong
+            g = got[r][key]
+            if g.shape != ref[r][key].shape:
+                return False, (f"{cfg.name}, n={n}: worker {r}'s {key} has shape {g.shape}, "
+                               f"expected {ref[r][key].shape}: {key} is row-parallel, so it "
+                               f"keeps all output rows and splits its input columns (axis 1).")
+            full = layer[key]
+            cols = _row_index(full.T.copy(), g.T) if g.ndim == 2 and g.shape[0] == full.shape[0] else None
+            unit = cfg.head_dim if key == "o_proj" else 1
+            name = "Q heads" if key == "o_proj" else "MLP units"
+            want = _ranges(sorted({i // unit for i in _row_index(full.T.copy(), ref[r][key].T)}))
+            have = ("columns that are not columns of the weight" if cols is None or None in cols
+                    else f"the columns of {name} {_ranges(sorted({i // unit for i in cols}))}")
+            return False, (f"{cfg.name}, n={n}: {key} is row-parallel: worker r keeps all "
+                           f"output rows and the input columns of {what} — worker {r}: "
+                           f"{name} {want}; yours has {have}.")
         return check
 
     def describe_gate_up(cfg, rows):
@@ -1125,24 +1138,17 @@ def check_lab4(shard_layer: Callable, find_shard_counts: Callable) -> LabReport:
         return f"gate units {_ranges(gate)} and up units {_ranges(up)}"
 
     def gate_up_segments():
-        for cfg, n in cases:
-            layer, got = student(cfg, n)
-            ref = _ref_shard_layer(layer, cfg, n)
-            for r in range(n):
-                g = got[r]["gate_up_proj"]
-                if g.shape == ref[r]["gate_up_proj"].shape and np.array_equal(g, ref[r]["gate_up_proj"]):
-                    continue
-                full = layer["gate_up_proj"]
-                want = describe_gate_up(cfg, _row_index(full, ref[r]["gate_up_proj"]))
-                have = describe_gate_up(cfg, _row_index(full, g))
-                msg = (f"{cfg.name}, n={n}: worker {r} must hold {want} (gate rows first, then the "
-                       f"same units of up: silu(gate) * up pairs them unit by unit); yours holds "
-                       f"{have}.")
-                if all(np.array_equal(got[q]["gate_up_proj"], np.split(full, n)[q]) for q in range(n)):
-                    msg += (" You cut the fused [gate; up] weight as one block: split each of the "
-                            "two segments n ways.")
-                return False, msg
-        return True, "fused gate/up split per segment: worker r has the same units of gate and up"
+        wrong = first_wrong_rows("gate_up_proj")
+        if wrong is None:
+            return True, "fused gate/up split per segment: worker r has the same units of gate and up"
+        cfg, n, r, want, have, one_block = wrong
+        msg = (f"{cfg.name}, n={n}: worker {r} must hold {describe_gate_up(cfg, want)} (gate rows first, "
+               f"then the same units of up: silu(gate) * up pairs them unit by unit); yours holds "
+               f"{describe_gate_up(cfg, have)}.")
+        if one_block:
+            msg += (" You cut the fused [gate; up] weight as one block: split each of the "
+                    "two segments n ways.")
+        return False, msg
 
     def replicated_norms():
         for cfg, n in cases:

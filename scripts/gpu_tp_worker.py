@@ -31,7 +31,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (OSError, KeyboardInterrupt):
-        pass
+    main()

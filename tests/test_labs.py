@@ -47,6 +47,13 @@ def messages(report, check):
     return c.message
 
 
+def assert_fails_saying(report, check, words):
+    """``check`` failed and its message names every one of ``words``."""
+    msg = messages(report, check)
+    for w in words:
+        assert w in msg, msg
+
+
 # ----------------------------------------------------------------------------- all labs
 
 
@@ -162,9 +169,7 @@ LAB1_WRONG = [
 def test_lab1_wrong_answers(mistake, dequantize, check, words):
     _, dq = solution("lab1")
     report = L.check_lab1(make_quantize(**mistake), dequantize or dq)
-    msg = messages(report, check)
-    for w in words:
-        assert w in msg, msg
+    assert_fails_saying(report, check, words)
     assert report.score < 1
 
 
@@ -222,9 +227,7 @@ LAB2_WRONG = [
 def test_lab2_wrong_answers(shard, forward, check, words):
     shard_ok, tp_ok = solution("lab2")
     report = L.check_lab2(shard or shard_ok, forward or tp_ok)
-    msg = messages(report, check)
-    for w in words:
-        assert w in msg, msg
+    assert_fails_saying(report, check, words)
 
 
 # ----------------------------------------------------------------------------- lab 3
@@ -284,9 +287,7 @@ LAB3_WRONG = [
 def test_lab3_wrong_answers(ring, cost, check, words):
     ring_ok, cost_ok = solution("lab3")
     report = L.check_lab3(ring or ring_ok, cost or cost_ok)
-    msg = messages(report, check)
-    for w in words:
-        assert w in msg, msg
+    assert_fails_saying(report, check, words)
 
 
 def test_lab3_accepts_the_mirrored_ring():
@@ -350,9 +351,7 @@ LAB4_WRONG = [
 def test_lab4_wrong_answers(shard, counts, check, words):
     shard_ok, counts_ok = solution("lab4")
     report = L.check_lab4(shard or shard_ok, counts or counts_ok)
-    msg = messages(report, check)
-    for w in words:
-        assert w in msg, msg
+    assert_fails_saying(report, check, words)
 
 
 # ----------------------------------------------------------------------------- lab 5

@@ -307,36 +307,7 @@ def build_cpu_ccl(verbose: bool = False, force: bool = False) -> Path:
     out = cache_dir() / _build_key(cxx, tc) / LIB_NAME
     return _locked_build(out, CCL_NAME, lambda tmp: _build_command(cxx, tc, _HERE / "cpu_shm.cc", tmp),
                          force, verbose)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            if out.exists() and not force:
-                return out
-            fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=out_dir)
-            os.close(fd)
-            cmd = _build_command(cxx, tc, _HERE / "cpu_shm.cc", Path(tmp))
-            if verbose:
-                print("[mlc_course.ccl] building:", " ".join(cmd), file=sys.stderr)
-            t0 = time.perf_counter()
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                Path(tmp).unlink(missing_ok=True)
-                raise CCLBuildError(
-                    f"building the {CCL_NAME} CCL failed (exit {proc.returncode}).\n"
-                    f"command: {' '.join(cmd)}\n"
-                    f"compiler errors (summary):\n{_summarize_stderr(proc.stderr)}"
-                )
-            if verbose and proc.stderr.strip():
-                print(proc.stderr, file=sys.stderr)
-            os.replace(tmp, out)
-            (out_dir / "build.txt").write_text(" ".join(cmd) + "\n")
-            if verbose:
-                print(f"[mlc_course.ccl] built {out} in {time.perf_counter() - t0:.1f} s",
-                      file=sys.stderr)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-    return out
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -644,43 +615,6 @@ def build_nccl_ccl(verbose: bool = False, force: bool = False, headers: str | bo
         return cmd + ["-Wl,-z,defs", "-ldl", "-lpthread"]
 
     return _locked_build(out, NCCL_CCL_NAME, make_cmd, force, verbose)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            if out.exists() and not force:
-                return out
-            fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=out_dir)
-            os.close(fd)
-            cmd = [cxx, *flags, f"-I{tc['includes'][0]}"]
-            for inc in [*tc["includes"][1:], info["nccl_include"], info["cuda_include"]]:
-                if inc:
-                    cmd += ["-isystem", inc]
-            cmd += [str(_HERE / "nccl.cc"), "-o", tmp]
-            for d in tc["libdirs"]:
-                cmd += [f"-L{d}", f"-Wl,-rpath,{d}"]
-            cmd += [f"-l{lib}" for lib in tc["libs"]]
-            cmd += ["-Wl,-z,defs", "-ldl", "-lpthread"]
-            if verbose:
-                print("[mlc_course.ccl] building:", " ".join(cmd), file=sys.stderr)
-            t0 = time.perf_counter()
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                Path(tmp).unlink(missing_ok=True)
-                raise CCLBuildError(
-                    f"building the {NCCL_CCL_NAME} CCL failed (exit {proc.returncode}).\n"
-                    f"command: {' '.join(cmd)}\n"
-                    f"compiler errors (summary):\n{_summarize_stderr(proc.stderr)}")
-            if verbose and proc.stderr.strip():
-                print(proc.stderr, file=sys.stderr)
-            os.replace(tmp, out)
-            (out_dir / "build.txt").write_text(" ".join(cmd) + "\n")
-            if verbose:
-                print(f"[mlc_course.ccl] built {out} in {time.perf_counter() - t0:.1f} s",
-                      file=sys.stderr)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-    return out
 
 
 def load_nccl_ccl(verbose: bool = False) -> Path:
