@@ -68,7 +68,7 @@ def is_gpu(target) -> bool:
 # ----------------------------------------------------------------------------- pipeline
 
 
-def gpu_rules(gemv: str = "dlight") -> list:
+def gpu_rules(gemv: str = "course") -> list:
     """dlight's GPU rules, in the order tried: the first that applies schedules a kernel.
 
     The decode step's quantized linears (one token: a static row) get ``GEMV``; prefill's
@@ -121,14 +121,16 @@ def gpu_rules(gemv: str = "dlight") -> list:
                 return None
             return super().apply(func, target, tunable)
 
-    from .schedules import CudaGEMV
+    from .schedules import CudaDecodeAttention, CudaGEMV
 
-    course = [CudaGEMV()] if gemv == "course" else []  # falls through to dlight's GEMV
-    return [SimtMatmul(), *course, WeightGEMV(), AttentionSafeReduction(), dl.gpu.GeneralReduction(),
-            dl.gpu.Fallback()]
+    # the group-sum form of the GEMV (model.export(gpu=True)) only has the course's schedule;
+    # gemv="dlight" gives the plain form to dlight's GEMV rule
+    course = CudaGEMV(plain=gemv == "course")
+    return [SimtMatmul(), course, WeightGEMV(), CudaDecodeAttention(), AttentionSafeReduction(),
+            dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
 
 
-def schedule_report(mod, target) -> dict[str, str]:
+def schedule_report(mod, target, gemv: str = "course") -> dict[str, str]:
     """Kernel name -> the dlight rule that schedules it (``mod`` after the ``fuse`` stage)."""
     from tvm import tirx
 
@@ -138,7 +140,10 @@ def schedule_report(mod, target) -> dict[str, str]:
             if not isinstance(func, tirx.PrimFunc):
                 continue
             report[gv.name_hint] = "none"
-            for rule in gpu_rules():
+            if func.attrs is not None and "tirx.is_scheduled" in func.attrs:
+                report[gv.name_hint] = "written scheduled"  # e.g. the static cache's write
+                continue
+            for rule in gpu_rules(gemv):
                 if rule.apply(func, target, False) is not None:
                     report[gv.name_hint] = _rule_name(rule)
                     break
@@ -157,7 +162,7 @@ def _rule_name(rule) -> str:
 GEMV_CHOICES = ("course", "dlight")
 
 
-def pipeline_stages(target, gemv: str = "dlight") -> list[tuple[str, list]]:
+def pipeline_stages(target, gemv: str = "course") -> list[tuple[str, list]]:
     """The course's pipeline as (stage name, passes).
 
     ``gemv`` (GPU only) picks the schedule of the decode step's quantized linears: the
@@ -190,7 +195,7 @@ def pipeline_stages(target, gemv: str = "dlight") -> list[tuple[str, list]]:
 
 
 def run_stages(mod, target, upto: str | None = None, log=None, cuda_graph: bool = False,
-               gemv: str = "dlight"):
+               gemv: str = "course"):
     """Apply the pipeline's stages to ``mod`` (up to and including ``upto``).
 
     ``cuda_graph`` (GPU only): ``RewriteCUDAGraph`` captures the static parts of each call
@@ -209,7 +214,7 @@ def run_stages(mod, target, upto: str | None = None, log=None, cuda_graph: bool 
     return mod
 
 
-def pipeline(target, log=None, cuda_graph: bool = False, gemv: str = "dlight"):
+def pipeline(target, log=None, cuda_graph: bool = False, gemv: str = "course"):
     """The whole pipeline as one module pass, for ``tvm.compile(relax_pipeline=...)``."""
     import tvm
 
@@ -220,7 +225,7 @@ def pipeline(target, log=None, cuda_graph: bool = False, gemv: str = "dlight"):
     return _pipeline
 
 
-def compile_module(mod, target, log=None, cuda_graph: bool = False, gemv: str = "dlight"):
+def compile_module(mod, target, log=None, cuda_graph: bool = False, gemv: str = "course"):
     """Compile a Relax IRModule with the course pipeline; returns the VM executable."""
     import tvm
 

@@ -55,13 +55,26 @@ class QuantizedWeight(nn.Module):
 
 
 class Linear(QuantizedWeight):
-    """``y = x @ W.T`` as one TE op (see :func:`mlc_course.quantization.te_linear`)."""
+    """``y = x @ W.T`` as one TE op (see :func:`mlc_course.quantization.te_linear`).
+
+    ``group_sums``: a one-token input (the decode step) uses the group-sum form that the
+    course's CUDA GEMV schedules (:func:`mlc_course.quantization.te_linear_group_sums`)."""
+
+    def __init__(self, out_features: int, in_features: int, scheme: str, group_sums: bool = False):
+        super().__init__(out_features, in_features, scheme)
+        self.group_sums = group_sums
 
     def forward(self, x: nn.Tensor, out_dtype: str | None = None) -> nn.Tensor:
         out_dtype = out_dtype or x.dtype
         return op.tensor_expr_op(
-            lambda xx, *w: te_linear(xx, w, self.scheme, out_dtype),
+            lambda xx, *w: te_linear(xx, w, self.scheme, out_dtype, group_sums=_one_token(xx) and self.group_sums),
             "linear", [x, *self.arrays()])
+
+
+def _one_token(x) -> bool:
+    """Whether a TE input ``(b, s, k)`` has a static ``s == 1`` (the decode step)."""
+    s = x.shape[1]
+    return isinstance(s, tirx.IntImm) and int(s) == 1 or isinstance(s, int) and s == 1
 
 
 class Embedding(QuantizedWeight):
@@ -122,7 +135,9 @@ def _te_rope(x, pos0, theta: float, head_dim: int):
 def _te_qkv_rope(qkv, pos, hq: int, hkv: int, theta: float, head_dim: int):
     """One kernel for what the dynamic path does in three (reshape + split, RoPE on q, RoPE
     on k): from the fused projection ``qkv (1, s, (hq + 2 hkv) * d)`` and the position
-    tensor, ``q (s, hq, d)`` and ``k (s, hkv, d)`` rotated, ``v (s, hkv, d)`` as is."""
+    tensor, the heads ``(s, hq + 2 hkv, d)``: q's ``hq`` heads and k's ``hkv`` rotated,
+    then v's as they are. One output, so one kernel (three outputs made three); the cache
+    write and attention read their heads from it."""
     _, s, _ = qkv.shape
     d, half = head_dim, head_dim // 2
     pos0 = pos[0].astype("int64")
@@ -136,27 +151,30 @@ def _te_qkv_rope(qkv, pos, hq: int, hkv: int, theta: float, head_dim: int):
                                 qkv[0, t, col + e - half].astype("float32"))
         return (xf * tirx.cos(ang) + rot * tirx.sin(ang)).astype(qkv.dtype)
 
-    q = te.compute((s, hq, d), lambda t, h, e: rotated(t, h * d, e), name="q_rope")
-    k = te.compute((s, hkv, d), lambda t, h, e: rotated(t, (hq + h) * d, e), name="k_rope")
-    v = te.compute((s, hkv, d), lambda t, h, e: qkv[0, t, (hq + hkv + h) * d + e], name="v_split")
-    return [q, k, v]
+    return te.compute((s, hq + 2 * hkv, d), lambda t, h, e: tirx.if_then_else(
+        h < hq + hkv, rotated(t, h * d, e), qkv[0, t, h * d + e]), name="qkv_heads")
 
 
-def _te_attention_scores(q, k, first, scale: float, skip_masked: bool = False):
+def _te_attention_scores(q, k, first, scale: float, skip_masked: bool = False, num_q_heads: int | None = None):
     """scores[h, t, j] = q[t, h] . k[j, h // group] * scale, causal-masked, float32.
 
     Query row ``t`` is the token at position ``first + t``: it sees keys ``j <= first + t``.
     ``skip_masked`` (the static cache, whose ``k`` has ``max_len`` rows): rows past that are
-    never read."""
+    never loaded from memory: their dot product reads the row of the query's own position
+    again (a cache hit) and is masked like any other. No condition sits inside the sum, so
+    a GPU thread can load a row 16 bytes at a time. ``num_q_heads``: q holds more heads
+    than that (the rotated heads of :func:`_te_qkv_rope`); the first ones are the queries."""
     s, hq, d = q.shape
+    hq = num_q_heads or hq
     n, hkv = k.shape[0], k.shape[1]
     group = hq // hkv
     r = te.reduce_axis((0, d), name="d")
-    zero = tirx.const(0.0, "float32")
 
     def dot(h, t, j):
-        prod = q[t, h, r].astype("float32") * k[j, h // group, r].astype("float32")
-        return te.sum(tirx.if_then_else(j <= first + t, prod, zero) if skip_masked else prod, axis=r)
+        if skip_masked:  # a masked row reads the query's own row instead (cached), then is masked
+            return te.sum(q[t, h, r].astype("float32") * k[tirx.min(j, first + t), h // group, r].astype("float32"),
+                          axis=r)
+        return te.sum(q[t, h, r].astype("float32") * k[j, h // group, r].astype("float32"), axis=r)
 
     raw = te.compute((hq, s, n), dot, name="qk")
     neg = tirx.const(-3.0e38, "float32")
@@ -188,9 +206,11 @@ def _te_attention_output(p, v, out_dtype: str, first=None):
 
 
 def kv_write_func(max_len: int, num_kv_heads: int, head_dim: int, dtype: str, gpu: bool,
-                  n: int = 2) -> tirx.PrimFunc:
+                  n: int = 2, src_heads: int | None = None, src_offsets: list[int] | None = None) -> tirx.PrimFunc:
     """``cache_i[pos + t] = new_i[t]`` for the ``s`` new rows of ``n`` caches (K and V),
-    *in place* (``call_tir_inplace``).
+    *in place* (``call_tir_inplace``). With ``src_heads``, one source ``(s, src_heads, d)``
+    holds all the new rows, cache ``i``'s heads from head ``src_offsets[i]`` on (the output
+    of :func:`_te_qkv_rope`).
 
     Written as plain TIR (no schedulable block): one loop over the ``s * heads * dim``
     elements, split over CUDA blocks and threads on GPUs, storing into every cache. The
@@ -202,7 +222,12 @@ def kv_write_func(max_len: int, num_kv_heads: int, head_dim: int, dtype: str, gp
 
     s = tirx.Var("s", "int64")
     caches = [tirx.decl_buffer((max_len, num_kv_heads, head_dim), dtype, f"cache{i}") for i in range(n)]
-    news = [tirx.decl_buffer((s, num_kv_heads, head_dim), dtype, f"new{i}") for i in range(n)]
+    if src_heads is None:
+        news = [tirx.decl_buffer((s, num_kv_heads, head_dim), dtype, f"new{i}") for i in range(n)]
+        offsets = [0] * n
+    else:
+        news = [tirx.decl_buffer((s, src_heads, head_dim), dtype, "new")]
+        offsets = list(src_offsets)
     pos = tirx.decl_buffer((1,), "int32", "pos")
     unit = num_kv_heads * head_dim
     total = s * unit
@@ -211,7 +236,9 @@ def kv_write_func(max_len: int, num_kv_heads: int, head_dim: int, dtype: str, gp
         t, r = tirx.floordiv(i, unit), tirx.floormod(i, unit)
         h, e = tirx.floordiv(r, head_dim), tirx.floormod(r, head_dim)
         row = tirx.Cast("int64", tirx.BufferLoad(pos, [tirx.const(0, "int64")])) + t
-        stores = [tirx.BufferStore(c, tirx.BufferLoad(nw, [t, h, e]), [row, h, e]) for c, nw in zip(caches, news)]
+        srcs = news if len(news) == n else news * n
+        stores = [tirx.BufferStore(c, tirx.BufferLoad(nw, [t, h + off, e]), [row, h, e])
+                  for c, nw, off in zip(caches, srcs, offsets)]
         return tirx.SeqStmt(stores) if len(stores) > 1 else stores[0]
 
     if gpu:
@@ -230,12 +257,15 @@ def kv_write_func(max_len: int, num_kv_heads: int, head_dim: int, dtype: str, gp
     return func.with_attrs({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
 
 
-def write_kv(k_cache: "StaticKVCache", v_cache: "StaticKVCache", k: nn.Tensor, v: nn.Tensor,
+def write_kv(k_cache: "StaticKVCache", v_cache: "StaticKVCache", heads: nn.Tensor, k_head: int,
              pos: nn.Tensor) -> None:
-    """Rows ``pos .. pos + len(k) - 1`` of both caches become ``k`` and ``v``: one kernel."""
-    func = kv_write_func(k_cache.max_len, *k_cache.unit_shape, k_cache.dtype, k_cache.gpu, n=2)
+    """Rows ``pos .. pos + s - 1`` of both caches become the K and V heads of ``heads``
+    (``(s, heads, d)``, K's from head ``k_head`` on, V's right after): one kernel."""
+    hkv = k_cache.unit_shape[0]
+    func = kv_write_func(k_cache.max_len, *k_cache.unit_shape, k_cache.dtype, k_cache.gpu, n=2,
+                         src_heads=int(heads.shape[1]), src_offsets=[k_head, k_head + hkv])
     ks, vs = op.tensor_ir_inplace_op(
-        func, "kv_write", [nn.Tensor(_expr=k_cache.cache), nn.Tensor(_expr=v_cache.cache), k, v, pos], [0, 1],
+        func, "kv_write", [nn.Tensor(_expr=k_cache.cache), nn.Tensor(_expr=v_cache.cache), heads, pos], [0, 1],
         [nn.Tensor.placeholder(k_cache.shape, k_cache.dtype), nn.Tensor.placeholder(v_cache.shape, v_cache.dtype)])
     k_cache.cache, v_cache.cache = ks._expr, vs._expr
 
@@ -280,15 +310,16 @@ class StaticKVCache(nn.Effect):
 
 class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig, scheme: str, shards: int, act_dtype: str,
-                 kv: str = "dynamic", gpu: bool = False, static_max_len: int = STATIC_MAX_LEN):
+                 kv: str = "dynamic", gpu: bool = False, static_max_len: int = STATIC_MAX_LEN,
+                 group_sums: bool = False):
         self.num_heads = cfg.num_heads // shards
         self.num_kv_heads = cfg.num_kv_heads // shards
         self.head_dim = cfg.head_dim
         self.rope_theta = cfg.rope_theta
         self.shards = shards
         qkv_out = (self.num_heads + 2 * self.num_kv_heads) * cfg.head_dim
-        self.qkv_proj = Linear(qkv_out, cfg.hidden_size, scheme)
-        self.o_proj = Linear(cfg.hidden_size, self.num_heads * cfg.head_dim, scheme)
+        self.qkv_proj = Linear(qkv_out, cfg.hidden_size, scheme, group_sums)
+        self.o_proj = Linear(cfg.hidden_size, self.num_heads * cfg.head_dim, scheme, group_sums)
         unit = [self.num_kv_heads, cfg.head_dim]
         self.static = kv == "static"
         if self.static:
@@ -329,13 +360,14 @@ class Attention(nn.Module):
         each; attention masks (and never loads) the rows past the position."""
         hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
         first = lambda p: p[0].astype("int64")  # noqa: E731  (read on the device)
-        q0, k, v = op.tensor_expr_op(lambda t, p: _te_qkv_rope(t, p, hq, hkv, self.rope_theta, d),
-                                     "qkv_rope", [self.qkv_proj(x), pos])
-        write_kv(self.k_cache, self.v_cache, k, v, pos)
+        heads = op.tensor_expr_op(lambda t, p: _te_qkv_rope(t, p, hq, hkv, self.rope_theta, d),
+                                  "qkv_rope", [self.qkv_proj(x), pos])
+        write_kv(self.k_cache, self.v_cache, heads, hq, pos)
         keys, values = self.k_cache.full(), self.v_cache.full()
         scores = op.tensor_expr_op(
-            lambda qq, kk, p: _te_attention_scores(qq, kk, first(p), 1.0 / math.sqrt(d), skip_masked=True),
-            "attention_scores", [q0, keys, pos])
+            lambda qq, kk, p: _te_attention_scores(qq, kk, first(p), 1.0 / math.sqrt(d), skip_masked=True,
+                                                   num_q_heads=hq),
+            "attention_scores", [heads, keys, pos])
         probs = op.softmax(scores, axis=-1)
         out = op.tensor_expr_op(lambda pp, vv, p: _te_attention_output(pp, vv, x.dtype, first(p)),
                                 "attention_output", [probs, values, pos])
@@ -351,11 +383,11 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: LlamaConfig, scheme: str, shards: int):
+    def __init__(self, cfg: LlamaConfig, scheme: str, shards: int, group_sums: bool = False):
         self.inter = cfg.intermediate_size // shards
         self.shards = shards
-        self.gate_up_proj = Linear(2 * self.inter, cfg.hidden_size, scheme)
-        self.down_proj = Linear(cfg.hidden_size, self.inter, scheme)
+        self.gate_up_proj = Linear(2 * self.inter, cfg.hidden_size, scheme, group_sums)
+        self.down_proj = Linear(cfg.hidden_size, self.inter, scheme, group_sums)
 
     def forward(self, x: nn.Tensor) -> nn.Tensor:
         gate, up = op.split(self.gate_up_proj(x), 2, axis=-1)
@@ -370,7 +402,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = nn.Parameter((cfg.hidden_size,), act_dtype)
         self.post_attention_layernorm = nn.Parameter((cfg.hidden_size,), act_dtype)
         self.self_attn = Attention(cfg, scheme, shards, act_dtype, **kv_opts)
-        self.mlp = MLP(cfg, scheme, shards)
+        self.mlp = MLP(cfg, scheme, shards, kv_opts.get("group_sums", False))
         self.eps = cfg.rms_norm_eps
 
     def forward(self, x: nn.Tensor, total_seq_len: tirx.Var) -> nn.Tensor:
@@ -382,7 +414,7 @@ class LlamaForCausalLM(nn.Module):
     """The whole decoder for one tensor-parallel worker (all of it when ``shards == 1``)."""
 
     def __init__(self, cfg: LlamaConfig, scheme: str, shards: int = 1, kv: str = "dynamic",
-                 gpu: bool = False, static_max_len: int = STATIC_MAX_LEN):
+                 gpu: bool = False, static_max_len: int = STATIC_MAX_LEN, group_sums: bool | None = None):
         from .sharding import validate_shards
 
         validate_shards(cfg, shards, scheme)
@@ -391,19 +423,22 @@ class LlamaForCausalLM(nn.Module):
         self.config, self.scheme_name, self.shards, self.kv = cfg, scheme, shards, kv
         self.act_dtype = get_scheme(scheme).float_dtype
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, scheme)
-        kv_opts = {"kv": kv, "gpu": gpu, "static_max_len": static_max_len}
+        # the decode GEMVs in the form the course's CUDA schedule wants (GPU only by default)
+        self.group_sums = gpu if group_sums is None else group_sums
+        kv_opts = {"kv": kv, "gpu": gpu, "static_max_len": static_max_len, "group_sums": self.group_sums}
         self.layers = nn.ModuleList([DecoderLayer(cfg, scheme, shards, self.act_dtype, **kv_opts)
                                      for _ in range(cfg.num_layers)])
         self.norm = nn.Parameter((cfg.hidden_size,), self.act_dtype)
         if not cfg.tie_embeddings:
-            self.lm_head = Linear(cfg.vocab_size, cfg.hidden_size, scheme)
+            self.lm_head = Linear(cfg.vocab_size, cfg.hidden_size, scheme, self.group_sums)
         if kv == "static":  # the entry points take the position tensor instead
             self.prefill, self.decode = self._prefill_static, self._decode_static
 
     def _logits(self, h: nn.Tensor) -> nn.Tensor:
         head = self.embed_tokens if self.config.tie_embeddings else self.lm_head
         return op.tensor_expr_op(
-            lambda xx, *w: te_linear(xx, w, self.scheme_name, "float32"),
+            lambda xx, *w: te_linear(xx, w, self.scheme_name, "float32",
+                                     group_sums=self.group_sums and _one_token(xx)),
             "lm_head", [h, *head.arrays()])
 
     def forward(self, input_ids: nn.Tensor, position) -> nn.Tensor:
@@ -451,13 +486,16 @@ KV_CHOICES = ("dynamic", "static")
 
 
 def export(cfg: LlamaConfig, scheme: str, shards: int = 1, kv: str = "dynamic", gpu: bool = False,
-           static_max_len: int = STATIC_MAX_LEN):
+           static_max_len: int = STATIC_MAX_LEN, group_sums: bool | None = None):
     """Build the Relax IRModule and the ordered list of (parameter name, spec).
 
     ``kv="static"`` (see the module doc) needs ``gpu`` to say whether the in-place cache
     write is generated for a GPU (thread-bound) or a CPU (a loop); ``static_max_len`` caps
-    the cache rows (the context window caps it too)."""
-    model = LlamaForCausalLM(cfg, scheme, shards, kv=kv, gpu=gpu, static_max_len=static_max_len)
+    the cache rows (the context window caps it too). ``group_sums`` (default: ``gpu``)
+    writes the decode step's 4-bit linears in the form the course's CUDA GEMV schedules;
+    dlight's GEMV rule wants the plain form (``group_sums=False``)."""
+    model = LlamaForCausalLM(cfg, scheme, shards, kv=kv, gpu=gpu, static_max_len=static_max_len,
+                             group_sums=group_sums)
     mod, named_params = model.export_tvm(spec=model.get_default_spec())
     return mod, named_params
 

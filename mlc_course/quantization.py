@@ -229,16 +229,22 @@ def te_dequantize(q_weight, q_scale, name: str, out_dtype: str = "float32"):
                       name="dequantize")
 
 
-def te_linear(x, weights, name: str, out_dtype: str):
+def te_linear(x, weights, name: str, out_dtype: str, group_sums: bool = False):
     """``y = x @ W.T`` with W stored in scheme ``name``: one TE op, dequantize inside the sum.
 
     x is (b, s, K) in the activation dtype; ``weights`` are the scheme's stored arrays
     (``(weight,)`` for q0, ``(q_weight, q_scale)`` for q4). Accumulates in float32. Because
     the dequantize sits inside the reduction, TVM's fusion and dlight's GEMV rule see one
     kernel that reads 4-bit words, never a float copy of W.
+
+    ``group_sums`` (symmetric 4-bit schemes only; the GPU decode step) writes the same sum
+    in the form the course's CUDA GEMV schedules: see :func:`te_linear_group_sums`.
     """
     from tvm import te
 
+    scheme = get_scheme(name)
+    if group_sums and scheme.quantized and scheme.symmetric:
+        return te_linear_group_sums(x, weights, name, out_dtype)
     elem = te_weight_element(name, *weights)
     b, s, k_dim = x.shape
     n = weights[0].shape[0]
@@ -250,16 +256,80 @@ def te_linear(x, weights, name: str, out_dtype: str):
     return te.compute((b, s, n), lambda i, t, j: acc[i, t, j].astype(out_dtype), name="cast")
 
 
-def decode_gemv_func(n: int, k: int, scheme: str, act_dtype: str | None = None):
+MAGIC_F32 = 0x4B000000  # the bits of 2**23 as a float32
+GPU_GROUPS_PER_STEP = 32  # groups a warp reads side by side in the GPU GEMV (one per thread)
+
+
+def te_nibble_minus_7(word, shift):
+    """``float32(nibble - 7)`` of the 4-bit value at ``shift`` in ``word``, without an
+    int-to-float conversion: OR-ing the nibble into the mantissa of 2**23 (bits 0x4B000000)
+    gives the float 2**23 + q exactly, and subtracting 2**23 + 7 leaves q - 7, exactly.
+    Two integer ops and one float add, all at full rate on a GPU (the conversion it
+    replaces is not)."""
+    from tvm import tirx
+
+    bits = ((word >> shift) & tirx.const(0xF, "uint32")) | tirx.const(MAGIC_F32, "uint32")
+    return tirx.reinterpret("float32", bits) - tirx.const(float(2**23 + 7), "float32")
+
+
+def te_linear_group_sums(x, weights, name: str, out_dtype: str):
+    """The symmetric 4-bit linear with the scale taken out of the inner sum:
+
+        y[j] = sum_g scale[j, g] * group_sum[j, g],
+        group_sum[j, g] = sum_{e < 32} x[32 g + e] * (q[j, 32 g + e] - 7)
+
+    Mathematically the same as :func:`te_linear` (both in float32; the order of the float
+    additions differs, so results agree to rounding, not bit for bit). Per weight the inner
+    loop is then a shift, a mask-and-OR, an add and one fused multiply-add (the nibble
+    through :func:`te_nibble_minus_7`), not the seven instructions of the plain form: on a
+    GPU that is what lets the GEMV keep up with the memory (notebook 06)."""
+    from tvm import te
+
+    from tvm import tirx
+
+    scheme = get_scheme(name)
+    q_weight, q_scale = weights
+    b, s, k_dim = x.shape
+    n = q_weight.shape[0]
+    gs = scheme.group_size
+    words_per_group = gs // ELEMS_PER_WORD
+    groups = int(k_dim) // gs
+    # a warp shares a row's groups: pad their count to a multiple of 32 (K = 11008 has 344);
+    # a padded group reads the last real one again (cached) and counts zero
+    padded = groups if groups % GPU_GROUPS_PER_STEP == 0 or groups < GPU_GROUPS_PER_STEP else \
+        -(-groups // GPU_GROUPS_PER_STEP) * GPU_GROUPS_PER_STEP
+    real = (lambda g: g) if padded == groups else (lambda g: tirx.min(g, groups - 1))
+    e = te.reduce_axis((0, gs), name="e")
+
+    def q_minus_7(j, g, el):
+        word = q_weight[j, real(g) * words_per_group + el // ELEMS_PER_WORD]
+        return te_nibble_minus_7(word, (el % ELEMS_PER_WORD * 4).astype("uint32"))
+
+    def scale(j, g):
+        sc = q_scale[j, real(g)].astype("float32")
+        return sc if padded == groups else tirx.if_then_else(g < groups, sc, tirx.const(0.0, "float32"))
+
+    gsum = te.compute((b, s, n, padded), lambda i, t, j, g: te.sum(
+        x[i, t, real(g) * gs + e].astype("float32") * q_minus_7(j, g, e), axis=e), name="group_sum")
+    g = te.reduce_axis((0, padded), name="g")
+    acc = te.compute((b, s, n), lambda i, t, j: te.sum(gsum[i, t, j, g] * scale(j, g), axis=g), name="matmul")
+    if out_dtype == "float32":
+        return acc
+    return te.compute((b, s, n), lambda i, t, j: acc[i, t, j].astype(out_dtype), name="cast")
+
+
+def decode_gemv_func(n: int, k: int, scheme: str, act_dtype: str | None = None,
+                     group_sums: bool = False):
     """The decode step's linear for an (n, k) weight as a PrimFunc, exactly as the model
     writes it (one TE op, dequantize inside the sum): ``x (1, 1, k) -> y (1, 1, n)``. What
-    notebooks and benchmarks schedule and time on its own."""
+    notebooks and benchmarks schedule and time on its own (``group_sums``: the GPU form,
+    :func:`te_linear_group_sums`)."""
     from tvm import te
 
     act_dtype = act_dtype or get_scheme(scheme).float_dtype
     x = te.placeholder((1, 1, k), act_dtype, name="x")
     w = [te.placeholder(s, d, name=nm) for nm, (s, d) in weight_arrays_shapes(n, k, scheme).items()]
-    return te.create_prim_func([x, *w, te_linear(x, w, scheme, act_dtype)])
+    return te.create_prim_func([x, *w, te_linear(x, w, scheme, act_dtype, group_sums=group_sums)])
 
 
 def te_embedding(ids, weights, name: str, out_dtype: str):

@@ -223,14 +223,114 @@ def cuda_gemv_schedule(func: tirx.PrimFunc, rows_per_block: int = 8, threads_k: 
     return sch
 
 
-class CudaGEMV(dl.ScheduleRule):
-    """dlight rule wrapper for :func:`cuda_gemv_schedule` (falls through when K does not fit)."""
+def _pick_threads_k(groups: int, threads_k: int | None) -> int:
+    """Threads that share one row's K: the most (up to a warp) that split its groups evenly
+    (the group-sum form pads the group count to a multiple of 32 when it is larger)."""
+    for tk in ([threads_k] if threads_k else (32, 16, 8, 4, 2, 1)):
+        if groups % tk == 0:
+            return tk
+    raise ValueError(f"{groups} groups do not split over {threads_k} threads")
 
-    def __init__(self, **params):
-        self.params = params
+
+def cuda_group_gemv_schedule(func: tirx.PrimFunc, rows_per_thread: int = 2, threads_per_block: int = 128,
+                             threads_k: int | None = None, unroll: int = 4) -> s_tir.Schedule:
+    """Schedule the group-sum form of the decode GEMV
+    (:func:`mlc_course.quantization.te_linear_group_sums`) for CUDA.
+
+    * ``threads_k`` threads (threadIdx.x, up to a warp) share one row's K, a group of 32
+      weights at a time: one 16-byte load of four words, one scale, 32 activations;
+    * each thread owns ``rows_per_thread`` rows: the 32 activations, loaded and converted
+      to float32 once, serve all of them, and the rows' loads are in flight together;
+    * the group's sum is a register (``group_sum`` computed where it is used), multiplied
+      by its scale once per group, not once per weight;
+    * the per-thread partial sums are added across threadIdx.x with warp shuffles, and the
+      epilogue (cast, residual add) follows the row.
+    """
+    sch = s_tir.Schedule(func)
+    block = sch.get_sblock("matmul")
+    gsum = sch.get_sblock("group_sum")
+    _, _, j, g = sch.get_loops(block)
+    n, groups = int(sch.get(j).extent), int(sch.get(g).extent)
+    tk = _pick_threads_k(groups, threads_k)
+    ty = max(1, threads_per_block // tk)
+    while ty > 1 and n % (ty * rows_per_thread):
+        ty //= 2
+    if n % (ty * rows_per_thread):
+        raise ValueError(f"{n} rows do not split into blocks of {ty} x {rows_per_thread}")
+    go, tx = sch.split(g, factors=[None, tk])
+    rf = sch.rfactor(tx, factor_axis=0)  # partial[tx, ...]: one sum per thread of the row
+    i, t, rj, rgo, rtx = sch.get_loops(rf)
+    bx, by, rr = sch.split(sch.fuse(i, t, rj), factors=[None, ty, rows_per_thread])
+    steps = int(sch.get(rgo).extent)
+    u = next((f for f in (unroll, 2) if f > 1 and steps % f == 0), 1)
+    rgo_o, rgo_i = sch.split(rgo, factors=[None, u])
+    sch.reorder(bx, by, rtx, rgo_o, rgo_i, rr)
+    sch.bind(bx, "blockIdx.x")
+    sch.bind(by, "threadIdx.y")
+    sch.bind(rtx, "threadIdx.x")
+    sch.compute_at(gsum, rr)
+    sch.set_scope(gsum, 0, "local")
+    # registers: the group's activations and the rows' words (vector loads), the scales
+    caches = [sch.cache_read(gsum, read_buffer_index=i, storage_scope="local")
+              for i in range(len(sch.get(gsum).reads))]
+    scale_idx = [i for i, r in enumerate(sch.get(rf).reads) if r.source.name == "q_scale"]
+    caches += [sch.cache_read(rf, read_buffer_index=i, storage_scope="local") for i in scale_idx]
+    for cache in caches:
+        sch.compute_at(cache, rgo_i, preserve_unit_loops=True)
+        inner = sch.get_loops(cache)[-1]
+        extent = int(sch.get(inner).extent)
+        lanes = min(extent, max(1, 16 // (tvm.DataType(sch.get(cache).reads[0].source.dtype).bits // 8)))
+        if extent > 1 and extent % lanes == 0:
+            _, vec = sch.split(inner, factors=[None, lanes])
+            sch.vectorize(vec)
+    sch.decompose_reduction(gsum, sch.get_loops(gsum)[-1])
+    sch.unroll(sch.get_loops(gsum)[-1])
+    sch.unroll(rr)
+    sch.unroll(rgo_i)
+    sch.decompose_reduction(rf, rgo_o)
+    sch.set_scope(rf, 0, "local")
+    # the cross-thread sum, then the epilogue, one row per (threadIdx.y, row of the thread)
+    sch.reverse_compute_at(block, bx, preserve_unit_loops=True)
+    loops = sch.get_loops(block)  # bx, tx (reduce), i, t, j
+    ftx, spatial = loops[1], loops[2:]
+    _, fy, fr = sch.split(sch.fuse(*spatial), factors=[None, ty, rows_per_thread])
+    sch.reorder(fy, fr, ftx)
+    sch.bind(fy, "threadIdx.y")
+    sch.bind(ftx, "threadIdx.x")
+    todo = list(sch.get_consumers(block))
+    if todo:  # (the lm_head's float32 sum is the function's output itself)
+        sch.set_scope(block, 0, "local")
+    while todo:
+        consumer = todo.pop(0)
+        sch.reverse_compute_at(consumer, fy, preserve_unit_loops=True)
+        nxt = list(sch.get_consumers(consumer))
+        if nxt:
+            sch.set_scope(consumer, 0, "local")
+        todo += nxt
+    return sch
+
+
+class CudaGEMV(dl.ScheduleRule):
+    """dlight rule wrapper for the course's CUDA GEMVs: :func:`cuda_group_gemv_schedule`
+    for the group-sum form, :func:`cuda_gemv_schedule` for the plain one (falls through when
+    K does not fit)."""
+
+    def __init__(self, plain: bool = True, **params):
+        self.plain, self.params = plain, params
 
     def apply(self, func, target, _tunable):  # noqa: D401
-        if target.kind.name != "cuda" or not isinstance(func, tirx.PrimFunc) or not _is_gemv_func(func):
+        if target.kind.name != "cuda" or not isinstance(func, tirx.PrimFunc):
+            return None
+        if has_block(func, "group_sum"):
+            params = {k: v for k, v in self.params.items()
+                      if k in ("rows_per_thread", "threads_per_block", "threads_k", "unroll")}
+            for r in dict.fromkeys((params.pop("rows_per_thread", 2), 2, 1)):
+                try:
+                    return cuda_group_gemv_schedule(func, rows_per_thread=r, **params)
+                except Exception:  # noqa: BLE001
+                    continue
+            return None
+        if not self.plain or not _is_gemv_func(func):
             return None
         words = self.params.get("words_per_thread", 4)
         threads = self.params.get("threads_k", 32)
@@ -242,3 +342,173 @@ class CudaGEMV(dl.ScheduleRule):
                 except Exception:
                     continue
         return None
+
+
+# ------------------------------------------------------------------- CUDA decode attention
+
+
+def _unvectorized_init(sch: s_tir.Schedule, init) -> None:
+    """Unroll (not vectorise) the lanes of a reduction's init block: TVM 0.27 prints a
+    float32x8 zero as ``make_ulonglong4`` of 8 values, which nvcc rejects."""
+    sch.unroll(sch.get_loops(init)[-1])
+
+
+def cuda_decode_scores_schedule(func: tirx.PrimFunc, threads: int = 128, lanes: int = 8) -> s_tir.Schedule:
+    """The decode step's attention scores over the static KV cache (blocks ``qk`` and
+    ``masked_scores`` of :func:`mlc_course.model._te_attention_scores`, one query row).
+
+    dlight's reduction rule gives every (head, cache row) pair a block of its own that
+    adds 128 products across threads: 32 x 1024 blocks per layer, most of them for rows
+    past the position that are masked anyway. Here one *thread* owns one (head, row) pair:
+    it keeps ``lanes`` partial sums (rfactor), so each step loads ``lanes`` consecutive
+    float16 of the key row (16 bytes) and of the query at once, and adds them up at the end.
+    Rows past the position read the query's own row (see the model), which is in cache."""
+    sch = s_tir.Schedule(func)
+    qk = sch.get_sblock("qk")
+    *spatial, r = sch.get_loops(qk)
+    extents = [sch.get(lp).extent for lp in spatial]
+    if not all(isinstance(e, tirx.IntImm) for e in extents):
+        raise ValueError("the decode scores schedule needs static shapes")
+    total = 1
+    for e in extents:
+        total *= int(e)
+    d = int(sch.get(r).extent)
+    if total % threads or d % lanes:
+        raise ValueError(f"{total} scores of {d} products do not split into {threads} threads x {lanes} lanes")
+    _, ri = sch.split(r, factors=[None, lanes])
+    rf = sch.rfactor(ri, factor_axis=0)  # partial[lane, ...]
+    *rsp, rro, rlane = sch.get_loops(rf)  # h, t, j, ro, ri
+    bx, tx = sch.split(sch.fuse(*rsp), factors=[None, threads])
+    sch.reorder(bx, tx, rro, rlane)
+    sch.bind(bx, "blockIdx.x")
+    sch.bind(tx, "threadIdx.x")
+    sch.unroll(rro)  # all of a row's loads in flight at once
+    sch.vectorize(rlane)
+    _unvectorized_init(sch, sch.decompose_reduction(rf, rro))
+    sch.set_scope(rf, 0, "local")
+    sch.reverse_compute_at(qk, tx)
+    sch.set_scope(qk, 0, "local")
+    sch.reverse_compute_at(sch.get_sblock("masked_scores"), tx)
+    return sch
+
+
+def cuda_decode_pv_schedule(func: tirx.PrimFunc, lanes: int = 4, threads_d: int = 8,
+                            threads_j: int = 32, unroll: int = 8) -> s_tir.Schedule:
+    """The decode step's probability-weighted sum of the value rows (block ``pv`` of
+    :func:`mlc_course.model._te_attention_output`, one query row, over the static cache).
+
+    A block owns ``threads_d * lanes`` of one head's output dimensions; its threads split
+    the cache rows ``threads_j`` ways (threadIdx.x) and the dimensions ``threads_d`` ways
+    (threadIdx.y), each thread loading ``lanes`` consecutive float16 of a value row (8
+    bytes: with 8 lanes TVM 0.27 writes float32x8 constants that nvcc rejects) per row it
+    visits, ``unroll`` rows in flight at once; the ``threads_j`` partial sums are added
+    with warp shuffles at the end. Rows past the position are skipped (their loads sit under the mask's condition)."""
+    sch = s_tir.Schedule(func)
+    pv = sch.get_sblock("pv")
+    t, h, dd, j = sch.get_loops(pv)
+    extents = [sch.get(lp).extent for lp in (t, h, dd, j)]
+    if not all(isinstance(e, tirx.IntImm) for e in extents):
+        raise ValueError("the decode pv schedule needs static shapes")
+    d, n = int(extents[2]), int(extents[3])
+    if d % (lanes * threads_d) or n % threads_j:
+        raise ValueError(f"d = {d}, rows = {n} do not split into {threads_d} x {lanes}, {threads_j}")
+    dg, dx, dl = sch.split(dd, factors=[None, threads_d, lanes])
+    jo, jy = sch.split(j, factors=[None, threads_j])
+    rf = sch.rfactor(jy, factor_axis=0)  # partial[jy, t, h, dd]
+    rt, rh, rdg, rdx, rdl, rjo, rjy = sch.get_loops(rf)
+    sch.reorder(rt, rh, rdg, rjy, rdx, rjo, rdl)
+    bx = sch.fuse(rt, rh, rdg)
+    sch.bind(bx, "blockIdx.x")
+    sch.bind(rjy, "threadIdx.x")
+    sch.bind(rdx, "threadIdx.y")
+    sch.vectorize(rdl)
+    steps = int(sch.get(rjo).extent)
+    if unroll > 1 and steps % unroll == 0:
+        rjo, rji = sch.split(rjo, factors=[None, unroll])
+        sch.unroll(rji)
+    _unvectorized_init(sch, sch.decompose_reduction(rf, rjo))
+    sch.set_scope(rf, 0, "local")
+    # the final sum over threadIdx.y (shared memory), one output per (threadIdx.x, lane)
+    sch.reverse_compute_at(pv, bx, preserve_unit_loops=True)
+    loops = sch.get_loops(pv)  # bx, jy (reduce), t, h, dd...
+    fy, rest = loops[1], loops[2:]
+    fx, fl = sch.split(sch.fuse(*rest), factors=[threads_d, None])
+    sch.reorder(fx, fl, fy)
+    sch.bind(fy, "threadIdx.x")
+    sch.bind(fx, "threadIdx.y")
+    for consumer in sch.get_consumers(pv):
+        sch.set_scope(pv, 0, "local")
+        sch.reverse_compute_at(consumer, fx, preserve_unit_loops=True)
+    return sch
+
+
+class CudaDecodeAttention(dl.ScheduleRule):
+    """dlight rule wrapper for :func:`cuda_decode_scores_schedule` and
+    :func:`cuda_decode_pv_schedule` (static shapes only: prefill's attention, with a
+    dynamic number of query rows, goes on to dlight's rules)."""
+
+    def apply(self, func, target, _tunable):  # noqa: D401
+        if target.kind.name != "cuda" or not isinstance(func, tirx.PrimFunc):
+            return None
+        try:
+            if has_block(func, "qk") and has_block(func, "masked_scores"):
+                return cuda_decode_scores_schedule(func)
+            if has_block(func, "pv"):
+                return cuda_decode_pv_schedule(func)
+        except Exception:  # noqa: BLE001
+            return None
+        return None
+
+
+# ------------------------------------------------------------------- the GEMV ladder
+
+#: The decode GEMV, one idea at a time (notebook 06 shows the GPU's time for each).
+#: ``course`` is the schedule the model uses (:class:`CudaGEMV`'s defaults).
+CUDA_GEMV_LADDER = [
+    {"name": "dlight", "form": "plain", "description": "stock dlight GEMV rule"},
+    {"name": "course_plain", "form": "plain",
+     "description": "course v1: a warp per row, one 16-byte load (a group) per thread per step"},
+    {"name": "group_r1", "form": "group", "params": {"rows_per_thread": 1},
+     "description": "group-sum form: nibbles by the magic-number trick, scale once per group"},
+    {"name": "group_r2", "form": "group", "params": {"rows_per_thread": 2},
+     "description": "+ two rows per thread (activations loaded once for both)"},
+    {"name": "group_r4", "form": "group", "params": {"rows_per_thread": 4},
+     "description": "+ four rows per thread"},
+    {"name": "group_r4_b256", "form": "group", "params": {"rows_per_thread": 4, "threads_per_block": 256},
+     "description": "four rows per thread, 256 threads per block"},
+    {"name": "x_r2_b256", "form": "group", "params": {"rows_per_thread": 2, "threads_per_block": 256}, "description": "explore"},
+    {"name": "x_r2_b64", "form": "group", "params": {"rows_per_thread": 2, "threads_per_block": 64}, "description": "explore"},
+    {"name": "x_r4_b64", "form": "group", "params": {"rows_per_thread": 4, "threads_per_block": 64}, "description": "explore"},
+    {"name": "x_r2_u1", "form": "group", "params": {"rows_per_thread": 2, "unroll": 1}, "description": "explore"},
+    {"name": "x_r4_u1", "form": "group", "params": {"rows_per_thread": 4, "unroll": 1}, "description": "explore"},
+    {"name": "x_r8", "form": "group", "params": {"rows_per_thread": 8}, "description": "explore"},
+    {"name": "x_r1_b256", "form": "group", "params": {"rows_per_thread": 1, "threads_per_block": 256}, "description": "explore"},
+    {"name": "course", "form": "group", "params": {},
+     "description": "the course's schedule as the model uses it (CudaGEMV defaults)"},
+]
+
+
+def schedule_gemv_variant(name: str, n: int, k: int, scheme: str, target) -> tirx.PrimFunc:
+    """The decode GEMV for an (n, k) weight, scheduled as step ``name`` of
+    :data:`CUDA_GEMV_LADDER`; a PrimFunc ready for ``tvm.compile``."""
+    from .compile import gpu_rules
+    from .quantization import decode_gemv_func
+
+    variant = next((v for v in CUDA_GEMV_LADDER if v["name"] == name), None)
+    if variant is None:
+        raise ValueError(f"unknown GEMV variant {name!r}; known: {[v['name'] for v in CUDA_GEMV_LADDER]}")
+    func = decode_gemv_func(n, k, scheme, group_sums=variant["form"] == "group")
+    if name == "dlight":
+        rules = gpu_rules("dlight")
+    elif name == "course_plain":
+        rules = [CudaGEMV(plain=True)]
+    else:
+        rules = [CudaGEMV(**variant.get("params", {}))]
+    with target:
+        for rule in rules:
+            sch = rule.apply(func, target, False)
+            if isinstance(sch, list):
+                sch = sch[0] if sch else None
+            if sch is not None:
+                return sch.mod["main"]
+    raise ValueError(f"GEMV variant {name!r} does not apply to a {n}x{k} {scheme} weight")

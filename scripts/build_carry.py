@@ -173,7 +173,7 @@ def build_libraries(out: Path, models: list[str], device: str, log) -> dict:
         cfg = get_preset(name)
         lib = (f"{name}-{scheme}-{arch}{'-static' if static else ''}{'-graph' if graph else ''}"
                f"{'-dlight' if gemv == 'dlight' else ''}{f'-tp{shards}' if shards > 1 else ''}.so")
-        mod, named = export(cfg, scheme, shards, kv=kv, gpu=True)
+        mod, named = export(cfg, scheme, shards, kv=kv, gpu=True, group_sums=gemv == "course")
         key = {"source": _source_digest(), "arch": arch}
         if (out / "lib" / lib).exists() and old.get(lib, {}).get("key") == key:
             log(f"{lib}: up to date")
@@ -217,30 +217,27 @@ def gemv_shapes(cfg) -> dict[str, tuple[int, int]]:
 
 def build_gemv_library(out: Path, device: str, log, model: str = "llama2-7b",
                        scheme: str = "q4f16_1") -> dict:
-    """``lib/gemv-<arch>.so``: the decode GEMVs of one layer of ``model`` alone, scheduled
-    by the course's CUDA GEMV (``gemv_course_<name>``) and by dlight's (``gemv_dlight_<name>``),
-    so that the GPU run times each kernel by itself next to PyTorch's int4 GEMV."""
+    """``lib/gemv-<arch>.so``: the decode GEMVs of one layer of ``model`` (and its lm_head)
+    alone, once per step of :data:`mlc_course.schedules.CUDA_GEMV_LADDER` (stock dlight, the
+    course's first schedule, then the group-sum form with more rows per thread; ``course``
+    is the schedule the model uses), named ``gemv_<variant>_<linear>``, so that the GPU run
+    times each kernel by itself next to PyTorch's int4 GEMV."""
     import tvm
-    import tvm.s_tir.dlight as dl
 
-    from mlc_course.compile import cuda_sources, get_target, gpu_rules
+    from mlc_course.compile import cuda_sources, get_target
     from mlc_course.config import get_preset
-    from mlc_course.quantization import decode_gemv_func
+    from mlc_course.schedules import CUDA_GEMV_LADDER, schedule_gemv_variant
 
     target = get_target(device)
     arch = str(target.attrs["arch"])
-    funcs, shapes = {}, gemv_shapes(get_preset(model))
-    for name, (n, k) in shapes.items():
-        for kind in ("course", "dlight"):
-            funcs[f"gemv_{kind}_{name}"] = decode_gemv_func(n, k, scheme).with_attr(
-                "global_symbol", f"gemv_{kind}_{name}")
-    mods = {}
-    for kind in ("course", "dlight"):
-        sub = tvm.IRModule({k: v for k, v in funcs.items() if f"_{kind}_" in k})
-        with target:
-            mods[kind] = dl.ApplyDefaultSchedule(*gpu_rules(kind))(sub)
-    merged = tvm.IRModule({**dict(mods["course"].functions_items()), **dict(mods["dlight"].functions_items())})
-    lib = tvm.compile(merged, target=target)
+    cfg = get_preset(model)
+    shapes = {**gemv_shapes(cfg), "lm_head": (cfg.vocab_size, cfg.hidden_size)}
+    funcs = {}
+    for variant in CUDA_GEMV_LADDER:
+        for name, (n, k) in shapes.items():
+            sym = f"gemv_{variant['name']}_{name}"
+            funcs[sym] = schedule_gemv_variant(variant["name"], n, k, scheme, target).with_attr("global_symbol", sym)
+    lib = tvm.compile(tvm.IRModule(funcs), target=target)
     name = f"gemv-{arch}.so"
     lib.export_library(str(out / "lib" / name))
     for src in cuda_sources(lib.mod):
@@ -250,6 +247,7 @@ def build_gemv_library(out: Path, device: str, log, model: str = "llama2-7b",
             nvcc_fatbin(src, arch, fb)
     log(f"{name}: {len(funcs)} GEMV kernels ({model} {scheme})")
     return {"library": name, "model": model, "quantization": scheme,
+            "variants": [{"name": v["name"], "description": v["description"]} for v in CUDA_GEMV_LADDER],
             "shapes": {k: list(v) for k, v in shapes.items()}}
 
 

@@ -32,27 +32,35 @@ def _kernels(src: str) -> dict[str, str]:
             for i, m in enumerate(heads)}
 
 
-@pytest.fixture(scope="module")
-def tiny_fused():
+def _tiny_fused(gpu_form: bool):
     from mlc_course.compile import get_target, run_stages
     from mlc_course.config import get_preset
     from mlc_course.model import export
 
-    mod, _ = export(get_preset("tiny"), "q4f16_1", 1)
+    mod, _ = export(get_preset("tiny"), "q4f16_1", 1, kv="static", gpu=True, group_sums=gpu_form)
     return run_stages(mod, get_target("cuda"), upto="fuse")
 
 
-def test_decode_linears_get_the_gemv_rule(tiny_fused):
+def _decode_linears(fused, report) -> list[str]:
+    text = fused["decode"].script()  # the decode function's kernels: static one-token shapes
+    called = {k for k in report if re.search(rf"\b{k}\b", text)}
+    return [k for k in called if "linear" in k or k == "lm_head"]
+
+
+@pytest.mark.parametrize("gemv,rule", [("course", "CudaGEMV"), ("dlight", "GEMV")])
+def test_decode_linears_get_the_gemv_rule(gemv, rule):
+    """The course's pipeline: every decode linear (and the lm_head) in the group-sum form
+    gets the course's CUDA GEMV; with ``gemv="dlight"`` the plain form gets dlight's."""
     from mlc_course.compile import get_target, schedule_report
 
-    report = schedule_report(tiny_fused, get_target("cuda"))
+    fused = _tiny_fused(gpu_form=gemv == "course")
+    report = schedule_report(fused, get_target("cuda"), gemv)
     assert "none" not in report.values(), report
-    decode = tiny_fused["decode"]  # the decode function's kernels: static one-token shapes
-    text = decode.script()
-    called = {k for k in report if re.search(rf"\b{k}\b", text)}
-    linears = [k for k in called if "linear" in k or k == "lm_head"]
-    assert linears, called
-    assert all(report[k] == "GEMV" for k in linears), {k: report[k] for k in linears}
+    linears = _decode_linears(fused, report)
+    assert len(linears) >= 5, linears  # qkv, o, gate_up, down (+ residual adds), lm_head
+    assert all(report[k] == rule for k in linears), {k: report[k] for k in linears}
+    scores = [k for k in report if k.startswith("attention_scores") and report[k] == "CudaDecodeAttention"]
+    assert len(scores) == 1, report  # the decode step's; prefill's (dynamic rows) goes to dlight
 
 
 @pytest.mark.parametrize("device,arch", [("cuda", "sm_90a"), ("a100", "sm_80"), ("rtx4090", "sm_89")])
@@ -138,3 +146,38 @@ def test_course_cuda_gemv_keeps_the_epilogue_in_the_kernel():
     kernel = src[src.index('extern "C" __global__'):]
     assert "T_add_ptr[" in kernel and "__shfl_down_sync" in kernel
     assert "uint4" in src or "qw_local_ptr" in kernel
+
+
+def test_gemv_ladder_schedules_every_llama_shape():
+    """Every step of the CUDA GEMV ladder applies to each decode linear of Llama-2-7B and
+    70B at TP=2 (K = 11008 and 14336 split over fewer threads) and to the lm_head."""
+    from mlc_course.compile import get_target
+    from mlc_course.config import get_preset
+    from mlc_course.schedules import CUDA_GEMV_LADDER, schedule_gemv_variant
+
+    target = get_target("cuda")
+    shapes = set(get_preset("llama2-7b").linear_shapes_per_layer().values()) | {(32000, 4096), (8192, 14336)}
+    for variant in CUDA_GEMV_LADDER:
+        for n, k in sorted(shapes):
+            func = schedule_gemv_variant(variant["name"], n, k, "q4f16_1", target)
+            assert "blockIdx.x" in func.script(), (variant["name"], n, k)
+    with pytest.raises(ValueError, match="unknown GEMV variant"):
+        schedule_gemv_variant("fastest", 64, 64, "q4f16_1", target)
+
+
+def test_course_group_gemv_cuda_code():
+    """The group-sum GEMV as CUDA: nibbles through the 2**23 mantissa (no int-to-float
+    conversion), one scale multiply per group, two rows per thread, warp shuffles."""
+    import tvm
+
+    from mlc_course.compile import get_target
+    from mlc_course.quantization import MAGIC_F32, decode_gemv_func
+    from mlc_course.schedules import cuda_group_gemv_schedule
+
+    sch = cuda_group_gemv_schedule(decode_gemv_func(4096, 11008, "q4f16_1", group_sums=True), rows_per_thread=2)
+    src = tvm.compile(sch.mod, target=get_target("h100")).mod.imports[0].inspect_source()
+    kernel = src[src.index('extern "C" __global__'):]
+    assert str(MAGIC_F32) in kernel and "__shfl_down_sync" in kernel
+    assert "(float)((" not in kernel  # the old form converted each nibble: (float)((w >> s) & 15)
+    assert "float matmul_rf_local_ptr[2]" in kernel  # two rows' partial sums per thread
+    assert kernel.count("q_scale") < kernel.count("q_weight")  # a scale per group, not per weight

@@ -103,3 +103,50 @@ def test_tvm_dequantize_bit_exact(scheme):
     qw, qs = quantize(w, scheme)
     run = build_dequantize_cpu(w.shape, scheme)
     np.testing.assert_array_equal(run(qw, qs), dequantize(qw, qs, scheme))
+
+
+def test_magic_number_nibble_is_exact():
+    """``te_nibble_minus_7`` (OR the nibble into the mantissa of 2**23, subtract 2**23 + 7)
+    gives q - 7 exactly for every nibble at every position of a word."""
+    import tvm
+    from tvm import te
+
+    from mlc_course.compile import cpu_target
+    from mlc_course.quantization import te_nibble_minus_7
+
+    words = te.placeholder((16,), "uint32", name="w")
+    out = te.compute((16, 8), lambda i, j: te_nibble_minus_7(words[i], (j * 4).astype("uint32")), name="out")
+    lib = tvm.compile(tvm.IRModule({"main": te.create_prim_func([words, out])}), target=cpu_target())
+    # word i holds nibble (i + j) % 16 at position j
+    w = np.array([sum(int((i + j) % 16) << (4 * j) for j in range(8)) for i in range(16)], dtype=np.uint32)
+    res = tvm.runtime.empty((16, 8), "float32", tvm.cpu())
+    lib["main"](tvm.runtime.tensor(w), res)
+    expect = np.array([[float((i + j) % 16) - 7 for j in range(8)] for i in range(16)], dtype=np.float32)
+    np.testing.assert_array_equal(res.numpy(), expect)
+
+
+@pytest.mark.parametrize("scheme", Q4)
+@pytest.mark.parametrize("k", [320, 1312])  # 10 groups; 41 groups, padded to 64 for a warp
+def test_group_sum_form_matches_the_plain_linear(scheme, k):
+    """The GPU decode form (scale once per group) is the same sum as the plain form; only
+    the order of float additions differs."""
+    import tvm
+
+    from mlc_course.compile import cpu_target
+    from mlc_course.quantization import decode_gemv_func
+
+    n = 48
+    w = _w(n, k, seed=5)
+    qw, qs = quantize(w, scheme)
+    x = np.random.default_rng(6).standard_normal((1, 1, k)).astype(np.float32)
+    ref = x[0, 0].astype(np.float64) @ dequantize(qw, qs, scheme).T.astype(np.float64)
+    outs = []
+    for group_sums in (False, True):
+        f = decode_gemv_func(n, k, scheme, act_dtype="float32", group_sums=group_sums)
+        lib = tvm.compile(tvm.IRModule({"main": f}), target=cpu_target())
+        y = tvm.runtime.empty((1, 1, n), "float32", tvm.cpu())
+        lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(qw), tvm.runtime.tensor(qs), y)
+        outs.append(y.numpy()[0, 0])
+    scale = np.abs(ref).max()
+    assert np.abs(outs[1] - ref).max() / scale < 1e-6
+    assert np.abs(outs[1] - outs[0]).max() / scale < 1e-6
