@@ -121,12 +121,12 @@ def gpu_rules(gemv: str = "course") -> list:
                 return None
             return super().apply(func, target, tunable)
 
-    from .schedules import CudaDecodeAttention, CudaGEMV
+    from .schedules import CudaGEMV
 
     # the group-sum form of the GEMV (model.export(gpu=True)) only has the course's schedule;
     # gemv="dlight" gives the plain form to dlight's GEMV rule
     course = CudaGEMV(plain=gemv == "course")
-    return [SimtMatmul(), course, WeightGEMV(), CudaDecodeAttention(), AttentionSafeReduction(),
+    return [SimtMatmul(), course, WeightGEMV(), AttentionSafeReduction(),
             dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
 
 

@@ -161,9 +161,10 @@ def _te_attention_scores(q, k, first, scale: float, skip_masked: bool = False, n
     Query row ``t`` is the token at position ``first + t``: it sees keys ``j <= first + t``.
     ``skip_masked`` (the static cache, whose ``k`` has ``max_len`` rows): rows past that are
     never loaded from memory: their dot product reads the row of the query's own position
-    again (a cache hit) and is masked like any other. No condition sits inside the sum, so
-    a GPU thread can load a row 16 bytes at a time. ``num_q_heads``: q holds more heads
-    than that (the rotated heads of :func:`_te_qkv_rope`); the first ones are the queries."""
+    again (a cache hit) and is masked like any other, so no condition sits inside the sum.
+    ``num_q_heads``: q holds more heads than that (the rotated heads of
+    :func:`_te_qkv_rope`); the first ones are the queries. (The GPU decode step uses
+    :func:`decode_attention_funcs` instead.)"""
     s, hq, d = q.shape
     hq = num_q_heads or hq
     n, hkv = k.shape[0], k.shape[1]
@@ -255,6 +256,174 @@ def kv_write_func(max_len: int, num_kv_heads: int, head_dim: int, dtype: str, gp
     func = tirx.PrimFunc([*caches, *news, pos], body)
     # op_pattern 8 = opaque: FuseOps must not merge producers into an in-place write
     return func.with_attrs({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
+
+
+def decode_attention_chunks(max_len: int, num_q_heads: int) -> int:
+    """How many chunks of cache rows the GPU decode attention splits each head into: enough
+    blocks (heads x chunks) to occupy a large GPU's ~130 SMs, chunks of at least 64 rows."""
+    chunks = 1
+    while num_q_heads * chunks < 256 and max_len // (chunks * 2) >= 64:
+        chunks *= 2
+    return chunks
+
+
+def decode_attention_funcs(max_len: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
+                           dtype: str) -> tuple[tirx.PrimFunc, tirx.PrimFunc, int]:
+    """The decode step's whole attention on a GPU (the static cache, one query row) as two
+    kernels, in the manner of flash-decoding: scores, softmax and the weighted sum of the
+    value rows for rows ``0 .. pos``, the rows split into chunks so that every SM has work.
+
+    Written as plain TIR (like :func:`kv_write_func`). ``partial`` runs a CUDA block per
+    (query head, chunk of rows); its threads
+
+    1. compute one score per row of the chunk into shared memory: a team of ``head_dim / 4``
+       threads reads a key row in one coalesced access, four dimensions each; each thread
+       loads all of its team's rows first, then the team adds the products of every row with
+       warp shuffles; and the block's maximum ``m`` (a tree in shared memory);
+    2. ``p = exp(score - m)`` per row, and the block's sum ``l`` of them;
+    3. ``o = sum p v`` over the chunk's value rows, the rows split over groups of threads
+       and the head's dimensions over the threads of a group (four each), the groups'
+       partial sums added through shared memory;
+
+    and writes ``o``, ``m`` and ``l``. ``combine`` (a block per head) rescales the chunks to
+    their common maximum: ``out = sum_c e^(m_c - M) o_c / sum_c e^(m_c - M) l_c``. Rows past
+    the position are never loaded; a chunk wholly past it has ``l = 0`` and weighs nothing.
+
+    This replaces three kernels (the TE scores, softmax and output of
+    :func:`_te_attention_scores` / :func:`_te_attention_output`, which prefill and the CPU
+    still use) and the score matrices they passed through global memory. Returns
+    ``(partial, combine, chunks)``."""
+    from tvm.script import tirx as T
+
+    hq, hkv, d, L = num_q_heads, num_kv_heads, head_dim, max_len
+    group, nh, lanes = hq // hkv, hq + 2 * hkv, 4
+    C = decode_attention_chunks(L, hq)
+    Lc = L // C
+    threads = max(min(256, Lc), d, 32)
+    if d % lanes or threads % (d // lanes) or threads & (threads - 1) or L % C:
+        raise ValueError(f"head_dim {d}, {L} rows do not fit the decode attention kernel")
+    dl_n = d // lanes  # threads over one row's dimensions in step 3
+    jg_n = threads // dl_n  # row groups in step 3
+    rows1 = -(-Lc // threads)
+    rows3 = -(-Lc // jg_n)
+    warps = threads // 32
+    if Lc % jg_n or dl_n > 32:
+        raise ValueError(f"{Lc} rows per chunk do not split into {jg_n} row groups of <= 32 threads")
+    team_steps = dl_n.bit_length() - 1
+    scale = 1.0 / math.sqrt(d)
+    neg = -3.0e38
+
+    @T.prim_func(private=True)
+    def partial(heads: T.Buffer((1, nh, d), dtype), kc: T.Buffer((L, hkv, d), dtype),
+                vc: T.Buffer((L, hkv, d), dtype), pos: T.Buffer((1,), "int32"),
+                o_part: T.Buffer((hq, C, d), "float32"), ml: T.Buffer((hq, C, 2), "float32")):
+        T.func_attr({"tirx.noalias": True})
+        with T.launch_thread("blockIdx.x", hq * C) as b:
+            tx = T.launch_thread("threadIdx.x", threads)
+            score = T.alloc_buffer((Lc,), "float32", scope="shared")
+            prob = T.alloc_buffer((Lc,), "float32", scope="shared")
+            red = T.alloc_buffer((threads,), "float32", scope="shared")
+            red4 = T.alloc_buffer((jg_n, d), "float32", scope="shared")
+            part = T.alloc_buffer((lanes,), "float32", scope="local")
+            qv = T.alloc_buffer((lanes,), "float32", scope="local")
+            dots = T.alloc_buffer((rows3,), "float32", scope="local")
+            acc = T.alloc_buffer((1,), "float32", scope="local")
+            val = T.alloc_buffer((1,), "float32", scope="local")
+            h = b // C
+            j0 = b % C * Lc
+            n = pos[0] + 1
+            kvh = h // group
+            # 1. scores and their maximum. A team of dl_n threads reads a key row in one
+            #    coalesced access (four dimensions each): every team's rows are loaded first
+            #    (no branch: a row past the position reads the position's row again), then
+            #    the teams add their products for all rows with warp shuffles.
+            for e in T.vectorized(lanes):
+                qv[e] = T.Cast("float32", heads[0, h, tx % dl_n * lanes + e])
+            for i in T.unroll(rows3):
+                for e in T.vectorized(lanes):
+                    part[e] = qv[e] * T.Cast("float32", kc[T.min(j0 + tx // dl_n + i * jg_n, n - 1), kvh,
+                                                            tx % dl_n * lanes + e])
+                dots[i] = part[0] + part[1] + part[2] + part[3]
+            for st in T.unroll(team_steps):
+                for i in T.unroll(rows3):
+                    dots[i] = dots[i] + T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), dots[i], 1 << st, dl_n, 32)
+            acc[0] = T.float32(neg)
+            for i in T.unroll(rows3):
+                r = tx // dl_n + i * jg_n
+                if j0 + r < n:
+                    acc[0] = T.max(acc[0], dots[i] * T.float32(scale))
+                    if tx % dl_n == 0:
+                        score[r] = dots[i] * T.float32(scale)
+            for st in T.unroll(5):  # the block's maximum: within each warp, then across warps
+                acc[0] = T.max(acc[0], T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), acc[0], 1 << st, 32, 32))
+            if tx % 32 == 0:
+                red[tx // 32] = acc[0]
+            T.tvm_storage_sync("shared")
+            for w in T.unroll(warps):
+                acc[0] = T.max(acc[0], red[w])
+            T.tvm_storage_sync("shared")
+            # 2. p = exp(score - m) and their sum l (p = 0 for rows past the position)
+            for i in T.unroll(rows1):
+                r = tx + i * threads
+                if r < Lc:
+                    prob[r] = T.if_then_else(j0 + r < n, T.exp(score[r] - acc[0]), T.float32(0))
+            if tx == 0:
+                ml[h, b % C, 0] = acc[0]
+            acc[0] = T.float32(0)
+            for i in T.unroll(rows1):
+                r = tx + i * threads
+                if r < Lc and j0 + r < n:
+                    acc[0] = acc[0] + prob[r]
+            T.tvm_storage_sync("shared")
+            for st in T.unroll(5):  # the block's sum, the same way
+                acc[0] = acc[0] + T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), acc[0], 1 << st, 32, 32)
+            if tx % 32 == 0:
+                red[tx // 32] = acc[0]
+            T.tvm_storage_sync("shared")
+            val[0] = T.float32(0)
+            for w in T.unroll(warps):
+                val[0] = val[0] + red[w]
+            # 3. o = sum p v over the chunk's rows, summed over the row groups. No branch around
+            #    the loads (they are all issued at once): a row past the position reads the
+            #    position's row again (cached) with p = 0.
+            for e in T.vectorized(lanes):
+                part[e] = T.float32(0)
+            for i in T.unroll(rows3):
+                r = tx // dl_n + i * jg_n
+                for e in T.vectorized(lanes):
+                    part[e] = part[e] + prob[r] * T.Cast("float32", vc[T.min(j0 + r, n - 1), kvh, tx % dl_n * lanes + e])
+            for e in T.vectorized(lanes):
+                red4[tx // dl_n, tx % dl_n * lanes + e] = part[e]
+            T.tvm_storage_sync("shared")
+            if tx < d:
+                acc[0] = T.float32(0)
+                for g in T.unroll(jg_n):
+                    acc[0] = acc[0] + red4[g, tx]
+                o_part[h, b % C, tx] = acc[0]
+            if tx == 0:
+                ml[h, b % C, 1] = val[0]
+
+    @T.prim_func(private=True)
+    def combine(o_part: T.Buffer((hq, C, d), "float32"), ml: T.Buffer((hq, C, 2), "float32"),
+                out: T.Buffer((1, hq, d), dtype)):
+        T.func_attr({"tirx.noalias": True})
+        with T.launch_thread("blockIdx.x", hq) as h:
+            tx = T.launch_thread("threadIdx.x", d)
+            m = T.alloc_buffer((1,), "float32", scope="local")
+            num = T.alloc_buffer((1,), "float32", scope="local")
+            den = T.alloc_buffer((1,), "float32", scope="local")
+            m[0] = T.float32(neg)
+            for c in T.unroll(C):
+                m[0] = T.max(m[0], ml[h, c, 0])
+            num[0] = T.float32(0)
+            den[0] = T.float32(0)
+            for c in T.unroll(C):
+                num[0] = num[0] + T.exp(ml[h, c, 0] - m[0]) * o_part[h, c, tx]
+                den[0] = den[0] + T.exp(ml[h, c, 0] - m[0]) * ml[h, c, 1]
+            out[0, h, tx] = T.Cast(dtype, num[0] / den[0])
+
+    attrs = {"tirx.is_scheduled": True, "op_pattern": 8}
+    return partial.with_attrs(attrs), combine.with_attrs(attrs), C
 
 
 def write_kv(k_cache: "StaticKVCache", v_cache: "StaticKVCache", heads: nn.Tensor, k_head: int,
@@ -364,6 +533,14 @@ class Attention(nn.Module):
                                   "qkv_rope", [self.qkv_proj(x), pos])
         write_kv(self.k_cache, self.v_cache, heads, hq, pos)
         keys, values = self.k_cache.full(), self.v_cache.full()
+        if self.k_cache.gpu and isinstance(x.shape[1], int) and x.shape[1] == 1:  # the GPU decode step
+            partial, combine, chunks = decode_attention_funcs(self.k_cache.max_len, hq, hkv, d, x.dtype)
+            o_part, ml = op.tensor_ir_op(partial, "decode_attention", [heads, keys, values, pos],
+                                         [nn.Tensor.placeholder([hq, chunks, d], "float32"),
+                                          nn.Tensor.placeholder([hq, chunks, 2], "float32")])
+            out = op.tensor_ir_op(combine, "decode_attention_combine", [o_part, ml],
+                                  nn.Tensor.placeholder([1, hq, d], x.dtype))
+            return self._project(out)
         scores = op.tensor_expr_op(
             lambda qq, kk, p: _te_attention_scores(qq, kk, first(p), 1.0 / math.sqrt(d), skip_masked=True,
                                                    num_q_heads=hq),

@@ -268,7 +268,11 @@ def te_nibble_minus_7(word, shift):
     replaces is not)."""
     from tvm import tirx
 
-    bits = ((word >> shift) & tirx.const(0xF, "uint32")) | tirx.const(MAGIC_F32, "uint32")
+    # (word << (28 - shift)) >> 28 isolates the nibble; adding the magic bits equals OR-ing
+    # them (the nibble is below bit 23). A GPU does the second shift and the add in one
+    # instruction (LEA.HI), where mask-then-OR takes two.
+    nib = (word << (tirx.const(28, "uint32") - shift)) >> tirx.const(28, "uint32")
+    bits = nib + tirx.const(MAGIC_F32, "uint32")
     return tirx.reinterpret("float32", bits) - tirx.const(float(2**23 + 7), "float32")
 
 

@@ -262,7 +262,7 @@ def cuda_group_gemv_schedule(func: tirx.PrimFunc, rows_per_thread: int = 2, thre
     i, t, rj, rgo, rtx = sch.get_loops(rf)
     bx, by, rr = sch.split(sch.fuse(i, t, rj), factors=[None, ty, rows_per_thread])
     steps = int(sch.get(rgo).extent)
-    u = next((f for f in (unroll, 2) if f > 1 and steps % f == 0), 1)
+    u = max(1, min(unroll, steps))  # a last partial step is masked (its loads stay in bounds)
     rgo_o, rgo_i = sch.split(rgo, factors=[None, u])
     sch.reorder(bx, by, rtx, rgo_o, rgo_i, rr)
     sch.bind(bx, "blockIdx.x")
@@ -344,122 +344,6 @@ class CudaGEMV(dl.ScheduleRule):
         return None
 
 
-# ------------------------------------------------------------------- CUDA decode attention
-
-
-def _unvectorized_init(sch: s_tir.Schedule, init) -> None:
-    """Unroll (not vectorise) the lanes of a reduction's init block: TVM 0.27 prints a
-    float32x8 zero as ``make_ulonglong4`` of 8 values, which nvcc rejects."""
-    sch.unroll(sch.get_loops(init)[-1])
-
-
-def cuda_decode_scores_schedule(func: tirx.PrimFunc, threads: int = 128, lanes: int = 8) -> s_tir.Schedule:
-    """The decode step's attention scores over the static KV cache (blocks ``qk`` and
-    ``masked_scores`` of :func:`mlc_course.model._te_attention_scores`, one query row).
-
-    dlight's reduction rule gives every (head, cache row) pair a block of its own that
-    adds 128 products across threads: 32 x 1024 blocks per layer, most of them for rows
-    past the position that are masked anyway. Here one *thread* owns one (head, row) pair:
-    it keeps ``lanes`` partial sums (rfactor), so each step loads ``lanes`` consecutive
-    float16 of the key row (16 bytes) and of the query at once, and adds them up at the end.
-    Rows past the position read the query's own row (see the model), which is in cache."""
-    sch = s_tir.Schedule(func)
-    qk = sch.get_sblock("qk")
-    *spatial, r = sch.get_loops(qk)
-    extents = [sch.get(lp).extent for lp in spatial]
-    if not all(isinstance(e, tirx.IntImm) for e in extents):
-        raise ValueError("the decode scores schedule needs static shapes")
-    total = 1
-    for e in extents:
-        total *= int(e)
-    d = int(sch.get(r).extent)
-    if total % threads or d % lanes:
-        raise ValueError(f"{total} scores of {d} products do not split into {threads} threads x {lanes} lanes")
-    _, ri = sch.split(r, factors=[None, lanes])
-    rf = sch.rfactor(ri, factor_axis=0)  # partial[lane, ...]
-    *rsp, rro, rlane = sch.get_loops(rf)  # h, t, j, ro, ri
-    bx, tx = sch.split(sch.fuse(*rsp), factors=[None, threads])
-    sch.reorder(bx, tx, rro, rlane)
-    sch.bind(bx, "blockIdx.x")
-    sch.bind(tx, "threadIdx.x")
-    sch.unroll(rro)  # all of a row's loads in flight at once
-    sch.vectorize(rlane)
-    _unvectorized_init(sch, sch.decompose_reduction(rf, rro))
-    sch.set_scope(rf, 0, "local")
-    sch.reverse_compute_at(qk, tx)
-    sch.set_scope(qk, 0, "local")
-    sch.reverse_compute_at(sch.get_sblock("masked_scores"), tx)
-    return sch
-
-
-def cuda_decode_pv_schedule(func: tirx.PrimFunc, lanes: int = 4, threads_d: int = 8,
-                            threads_j: int = 32, unroll: int = 8) -> s_tir.Schedule:
-    """The decode step's probability-weighted sum of the value rows (block ``pv`` of
-    :func:`mlc_course.model._te_attention_output`, one query row, over the static cache).
-
-    A block owns ``threads_d * lanes`` of one head's output dimensions; its threads split
-    the cache rows ``threads_j`` ways (threadIdx.x) and the dimensions ``threads_d`` ways
-    (threadIdx.y), each thread loading ``lanes`` consecutive float16 of a value row (8
-    bytes: with 8 lanes TVM 0.27 writes float32x8 constants that nvcc rejects) per row it
-    visits, ``unroll`` rows in flight at once; the ``threads_j`` partial sums are added
-    with warp shuffles at the end. Rows past the position are skipped (their loads sit under the mask's condition)."""
-    sch = s_tir.Schedule(func)
-    pv = sch.get_sblock("pv")
-    t, h, dd, j = sch.get_loops(pv)
-    extents = [sch.get(lp).extent for lp in (t, h, dd, j)]
-    if not all(isinstance(e, tirx.IntImm) for e in extents):
-        raise ValueError("the decode pv schedule needs static shapes")
-    d, n = int(extents[2]), int(extents[3])
-    if d % (lanes * threads_d) or n % threads_j:
-        raise ValueError(f"d = {d}, rows = {n} do not split into {threads_d} x {lanes}, {threads_j}")
-    dg, dx, dl = sch.split(dd, factors=[None, threads_d, lanes])
-    jo, jy = sch.split(j, factors=[None, threads_j])
-    rf = sch.rfactor(jy, factor_axis=0)  # partial[jy, t, h, dd]
-    rt, rh, rdg, rdx, rdl, rjo, rjy = sch.get_loops(rf)
-    sch.reorder(rt, rh, rdg, rjy, rdx, rjo, rdl)
-    bx = sch.fuse(rt, rh, rdg)
-    sch.bind(bx, "blockIdx.x")
-    sch.bind(rjy, "threadIdx.x")
-    sch.bind(rdx, "threadIdx.y")
-    sch.vectorize(rdl)
-    steps = int(sch.get(rjo).extent)
-    if unroll > 1 and steps % unroll == 0:
-        rjo, rji = sch.split(rjo, factors=[None, unroll])
-        sch.unroll(rji)
-    _unvectorized_init(sch, sch.decompose_reduction(rf, rjo))
-    sch.set_scope(rf, 0, "local")
-    # the final sum over threadIdx.y (shared memory), one output per (threadIdx.x, lane)
-    sch.reverse_compute_at(pv, bx, preserve_unit_loops=True)
-    loops = sch.get_loops(pv)  # bx, jy (reduce), t, h, dd...
-    fy, rest = loops[1], loops[2:]
-    fx, fl = sch.split(sch.fuse(*rest), factors=[threads_d, None])
-    sch.reorder(fx, fl, fy)
-    sch.bind(fy, "threadIdx.x")
-    sch.bind(fx, "threadIdx.y")
-    for consumer in sch.get_consumers(pv):
-        sch.set_scope(pv, 0, "local")
-        sch.reverse_compute_at(consumer, fx, preserve_unit_loops=True)
-    return sch
-
-
-class CudaDecodeAttention(dl.ScheduleRule):
-    """dlight rule wrapper for :func:`cuda_decode_scores_schedule` and
-    :func:`cuda_decode_pv_schedule` (static shapes only: prefill's attention, with a
-    dynamic number of query rows, goes on to dlight's rules)."""
-
-    def apply(self, func, target, _tunable):  # noqa: D401
-        if target.kind.name != "cuda" or not isinstance(func, tirx.PrimFunc):
-            return None
-        try:
-            if has_block(func, "qk") and has_block(func, "masked_scores"):
-                return cuda_decode_scores_schedule(func)
-            if has_block(func, "pv"):
-                return cuda_decode_pv_schedule(func)
-        except Exception:  # noqa: BLE001
-            return None
-        return None
-
-
 # ------------------------------------------------------------------- the GEMV ladder
 
 #: The decode GEMV, one idea at a time (notebook 06 shows the GPU's time for each).
@@ -473,16 +357,7 @@ CUDA_GEMV_LADDER = [
     {"name": "group_r2", "form": "group", "params": {"rows_per_thread": 2},
      "description": "+ two rows per thread (activations loaded once for both)"},
     {"name": "group_r4", "form": "group", "params": {"rows_per_thread": 4},
-     "description": "+ four rows per thread"},
-    {"name": "group_r4_b256", "form": "group", "params": {"rows_per_thread": 4, "threads_per_block": 256},
-     "description": "four rows per thread, 256 threads per block"},
-    {"name": "x_r2_b256", "form": "group", "params": {"rows_per_thread": 2, "threads_per_block": 256}, "description": "explore"},
-    {"name": "x_r2_b64", "form": "group", "params": {"rows_per_thread": 2, "threads_per_block": 64}, "description": "explore"},
-    {"name": "x_r4_b64", "form": "group", "params": {"rows_per_thread": 4, "threads_per_block": 64}, "description": "explore"},
-    {"name": "x_r2_u1", "form": "group", "params": {"rows_per_thread": 2, "unroll": 1}, "description": "explore"},
-    {"name": "x_r4_u1", "form": "group", "params": {"rows_per_thread": 4, "unroll": 1}, "description": "explore"},
-    {"name": "x_r8", "form": "group", "params": {"rows_per_thread": 8}, "description": "explore"},
-    {"name": "x_r1_b256", "form": "group", "params": {"rows_per_thread": 1, "threads_per_block": 256}, "description": "explore"},
+     "description": "four rows per thread (more registers, fewer threads: slower)"},
     {"name": "course", "form": "group", "params": {},
      "description": "the course's schedule as the model uses it (CudaGEMV defaults)"},
 ]

@@ -47,14 +47,16 @@ sys.path.insert(0, str(ROOT))
 #           CUDA graph (mlc_course.cuda_graph)
 #   graph   the dynamic KV cache with Relax's RewriteCUDAGraph (graphs between attention calls)
 #   dlight  stock dlight GEMV for the decode linears instead of the course's schedule
-#   tp2     2 tensor-parallel shards (each worker's library; NCCL all-reduces)
+#   tp2/tp4 2 or 4 tensor-parallel shards (each worker's library; NCCL all-reduces)
 DEFAULT_MODELS = ["tiny:q0f32:static", "tiny:q4f16_1:static", "tiny:q0f16:static",
                   "tiny:q0f32:static:tp2", "tiny:q4f16_1:static:tp2",
                   "llama2-7b:q4f16_1:static", "llama2-7b:q4f16_1:static:dlight", "llama2-7b:q0f16:static",
-                  "llama2-7b:q4f16_1:graph:dlight", "llama2-7b:q4f16_1:static:dlight:tp2",
-                  "codellama-34b:q4f16_1:static:dlight", "codellama-34b:q4f16_1:static:dlight:tp2",
-                  "llama2-70b:q4f16_1:static:dlight", "llama2-70b:q4f16_1:static:dlight:tp2"]
-OPTIONS = {"static", "graph", "dlight", "tp2"}
+                  "llama2-7b:q4f16_1:graph:dlight", "llama2-7b:q4f16_1:static:tp2",
+                  "codellama-34b:q4f16_1:static", "codellama-34b:q4f16_1:static:tp2",
+                  "codellama-34b:q4f16_1:static:tp4",
+                  "llama2-70b:q4f16_1:static", "llama2-70b:q4f16_1:static:tp2", "llama2-70b:q4f16_1:static:tp4",
+                  "llama2-70b:q0f16:static:tp4"]
+OPTIONS = {"static", "graph", "dlight", "tp2", "tp4"}
 
 # Parts of the installed tvm package a runtime-only import does not need.
 TVM_EXCLUDE_DIRS = {"3rdparty", "src", "web", "include", "cmake", "lib64", "licenses", "__pycache__"}
@@ -168,7 +170,7 @@ def build_libraries(out: Path, models: list[str], device: str, log) -> dict:
             raise SystemExit(f"{item}: unknown option(s) {sorted(unknown)}; known: {sorted(OPTIONS)}")
         graph, static = "graph" in opts, "static" in opts
         gemv = "dlight" if "dlight" in opts else "course"
-        shards = 2 if "tp2" in opts else 1
+        shards = 4 if "tp4" in opts else 2 if "tp2" in opts else 1
         kv = "static" if static else "dynamic"
         cfg = get_preset(name)
         lib = (f"{name}-{scheme}-{arch}{'-static' if static else ''}{'-graph' if graph else ''}"
