@@ -93,24 +93,46 @@ PARAMETERS: dict[str, Param] = {
     "t_layer.course.graph": Param(119.1e-6, "s", "calibrated: the same with CUDA graphs (262.3 tok/s = "
                                   "3.81 ms/token over 32 layers, data/results/gpu_h100.json)"),
     # --- the course engine with a static KV cache, each decode step one CUDA graph ----------
-    "eta.course-graph": Param(0.411, "of copy bw", "measured: the decode GEMVs of one Llama-2-7B layer "
-                              "(dlight schedule) alone on an H200 read 113.8 MB in 66.4 us = 1.71 TB/s "
-                              "= 0.411 of the 4174 GB/s copy measured in the same run "
-                              "(data/results/gpu_h200x2.json, 'gemv'); PyTorch's int4 GEMV: 1.2-1.74 TB/s"),
-    "eta.course-graph.q0": Param(0.82, "of copy bw", "calibrated: Llama-2-7B q0f16 on one H200 in the "
-                                 "whole-step graph, 186.8 tok/s = 5.353 ms/token, minus 387 kernels x "
-                                 "t_kernel.static_graph, over 13.3 GB of float16 weights + KV = 3.43 TB/s "
-                                 "(float16 GEMVs stream at near the copy rate; 4-bit ones unpack)"),
-    "kernels_per_layer.static": Param(12, "kernels", "counted: 2 RMSNorms, QKV, qkv+RoPE, K/V write, "
-                                      "scores, softmax, attention output, O (+add), gate/up, SiLU*up, "
-                                      "down (+add) in the static decode function (model.py)"),
-    "kernels_fixed.static": Param(3, "kernels", "counted: embedding, final norm, lm_head"),
-    "t_kernel.static_graph": Param(3.79e-6, "s", "calibrated: Llama-2-7B q4 on one H200 in the "
-                                   "whole-step graph, 269.5 tok/s = 3.711 ms/token, minus weights and "
-                                   "KV at 0.411 x copy (2.245 ms), over 32 x 12 + 3 kernels "
-                                   "(data/results/gpu_h200x2.json). Not a launch cost alone: it holds "
-                                   "the attention kernels' poor schedules (~20 us each, kernel profile) "
-                                   "and the gaps between dependent small kernels"),
+    # (fitted by calibrate_course_graph() from the CUPTI kernel traces of data/results/gpu_h100x1.json)
+    "rate.course-graph.q4": Param(2.53e12, "B/s", "fitted: the course's 4-bit decode GEMVs (group-sum "
+                                  "form, two rows a thread) stream weights at this rate plus "
+                                  "t_gemv.static_graph per GEMV: the two-point fit of the GEMV kernel time "
+                                  "per token of Llama-2-7B (1943 us) and Llama-2-70B (16473 us) on one H100 "
+                                  "(calibrate_course_graph(), data/results/gpu_h100x1.json). The rate is the "
+                                  "kernel's instruction throughput on a 132-SM Hopper, not its memory: the "
+                                  "H200 (4.2 against 3.0 TB/s of copy) decodes Llama-2-70B at the same "
+                                  "54 tok/s (data/results/gpu_h200x4.json), so it is capped by "
+                                  "min(copy, rate)"),
+    "eta.course-graph": Param(1.0, "of copy bw", "assumed: below rate.course-graph.q4 the 4-bit GEMVs "
+                              "could read at the copy rate (the float16 ones do, eta.course-graph.q0)"),
+    "t_gemv.static_graph": Param(3.66e-6, "s", "fitted: the same fit's fixed time per GEMV (ramp-up, "
+                                 "the warp sums, the tail of the last wave)"),
+    "eta.course-graph.q0": Param(1.0, "of copy bw", "fitted: Llama-2-7B q0f16 on one H100, its float16 "
+                                 "GEMVs (4900 us per token for 13.2 GB) less t_gemv.static_graph each: "
+                                 "a pure read streams at the read+write copy rate"),
+    "gemvs_per_layer.static": Param(4, "GEMVs", "counted: QKV, O (+add), gate/up, down (+add); plus "
+                                    "the lm_head once per token"),
+    "kernels_per_layer.static": Param(7, "kernels", "counted: the other kernels of a layer in the static "
+                                      "decode function: 2 RMSNorms, q/k/v RoPE, K/V write, attention, "
+                                      "attention combine, SiLU*up (model.py)"),
+    "kernels_fixed.static": Param(2, "kernels", "counted: embedding, final norm"),
+    "t_kernel.static_graph": Param(3.03e-6, "s", "fitted: Llama-2-7B q4 on one H100, 372.9 tok/s = "
+                                   "2681 us per token, less its GEMVs (1943 us) and the KV cache read at "
+                                   "the GEMV rate, over 7 x 32 + 2 other kernels: their run time and the "
+                                   "gaps between them in the graph (calibrate_course_graph())"),
+    # the previous static engine (dlight GEMVs, three TE attention kernels), which made the
+    # records of data/results/gpu_h200x2.json
+    "eta.course-graph-v1": Param(0.411, "of copy bw", "measured: the decode GEMVs of one Llama-2-7B layer "
+                                 "(dlight schedule) alone on an H200 read 113.8 MB in 66.4 us = 1.71 TB/s "
+                                 "= 0.411 of the 4174 GB/s copy measured in the same run "
+                                 "(data/results/gpu_h200x2.json, 'gemv')"),
+    "eta.course-graph-v1.q0": Param(0.82, "of copy bw", "calibrated: Llama-2-7B q0f16 on one H200 in the "
+                                    "whole-step graph, 186.8 tok/s (data/results/gpu_h200x2.json)"),
+    "kernels_per_layer.static-v1": Param(12, "kernels", "counted: every kernel of a layer of that engine"),
+    "kernels_fixed.static-v1": Param(3, "kernels", "counted: embedding, final norm, lm_head"),
+    "t_kernel.static_graph-v1": Param(3.79e-6, "s", "calibrated: Llama-2-7B q4 on one H200, 269.5 tok/s "
+                                      "= 3.711 ms/token, minus weights and KV at 0.411 x copy, over "
+                                      "32 x 12 + 3 kernels (data/results/gpu_h200x2.json)"),
     # --- links: alpha0 (fixed cost of one all-reduce), alpha_hop, beta ---------------------
     "nvlink.alpha0.graph": Param(8.6e-6, "s", "measured: 2x H100 NVLink fp16 all-reduce of 4-32 KB, "
                                  "9-10 us in a CUDA graph, minus 2 hops x 0.47 us, design.md"),
@@ -137,7 +159,9 @@ PARAMETERS: dict[str, Param] = {
                          "RMS 7.5%); the course's H100 points within 25%"),
 }
 
-ENGINES = ("mlc-2023", "course", "course-graph")
+ENGINES = ("mlc-2023", "course", "course-graph", "course-graph-v1")
+# results files made by the previous static engine (modelled as "course-graph-v1")
+ENGINE_V1_FILES = ("gpu_h200x2.json",)
 LINKS = ("nvlink", "pcie")
 SEED_MODELS = {"Llama-2-70B": "llama2-70b", "CodeLlama-34B": "codellama-34b"}
 
@@ -243,10 +267,12 @@ def predict(model_preset, scheme: str, gpu: str, n: int, link: str | None = None
     link = link or default_link(gpu)
     context = int(param("context") if context is None else context)
     if eta is None:
-        eta = param("eta.course-graph.q0") if engine == "course-graph" and scheme.startswith("q0") \
+        eta = param(f"eta.{engine}.q0") if engine.startswith("course-graph") and scheme.startswith("q0") \
             else param(f"eta.{engine}")
     base = gpu_bandwidth(gpu) if bandwidth is None else bandwidth
     bw = base * eta
+    if engine == "course-graph" and not scheme.startswith("q0"):
+        bw = min(bw, param("rate.course-graph.q4"))  # instruction-bound on Hopper
     total = cfg.bytes_per_token(scheme)
     rep = _replicated_bytes(cfg, scheme)
     per_device = (total - rep) / n + rep
@@ -255,8 +281,14 @@ def predict(model_preset, scheme: str, gpu: str, n: int, link: str | None = None
     n_coll = 2 * cfg.num_layers + 1 if n > 1 else 0
     t_ar = n_coll * allreduce_latency(n, link, cuda_graph, 2 * cfg.hidden_size, nodes)
     if engine == "course-graph":
+        gemvs = cfg.num_layers * param("gemvs_per_layer.static") + 1
         kernels = cfg.num_layers * param("kernels_per_layer.static") + param("kernels_fixed.static")
-        t_k = kernels * param("t_kernel.static_graph")
+        t_k = gemvs * param("t_gemv.static_graph") + kernels * param("t_kernel.static_graph")
+        kernels += gemvs
+        cuda_graph = True
+    elif engine == "course-graph-v1":
+        kernels = cfg.num_layers * param("kernels_per_layer.static-v1") + param("kernels_fixed.static-v1")
+        t_k = kernels * param("t_kernel.static_graph-v1")
         cuda_graph = True
     else:
         kernels = cfg.num_layers * param("kernels_per_layer") + param("kernels_fixed")
@@ -360,6 +392,42 @@ def load_gpu_results(pattern: str = "gpu_*.json", results_dir: str | Path = RESU
     return out
 
 
+CALIBRATION_FILE = "gpu_h100x1.json"  # the one-H100 run the course-graph parameters come from
+
+
+def calibrate_course_graph(path: str | Path | None = None) -> dict:
+    """Fit the ``course-graph`` parameters from the CUPTI kernel traces of the one-H100 run:
+    GEMV time per token = weight bytes / rate + GEMVs x t_gemv through the Llama-2-7B
+    and Llama-2-70B q4 points; eta for float16 weights from the 7B q0f16 point; t_kernel from
+    the 7B q4 step less its GEMVs and KV read, over the other kernels."""
+    from .config import get_preset
+
+    doc = json.loads(Path(path or RESULTS_DIR / CALIBRATION_FILE).read_text())
+    bw = float(doc["bandwidth_GBps"]) * 1e9
+    pts = {}
+    for r in doc["records"]:
+        if "gpu_kernels" not in r or r.get("gemv") != "course" or r.get("kv") != "static":
+            continue
+        gemv_s = sum(k["us_per_token"] for k in r["gpu_kernels"]["top"]
+                     if k["kernel"].startswith(("linear", "fused_linear", "lm_head"))) * 1e-6
+        pts[(r["model"], r["quantization"])] = (r, gemv_s)
+    (r7, g7), (r70, g70) = pts[("llama2-7b", "q4f16_1")], pts[("llama2-70b", "q4f16_1")]
+    c7, c70 = get_preset("llama2-7b"), get_preset("llama2-70b")
+    n7, n70 = 4 * c7.num_layers + 1, 4 * c70.num_layers + 1
+    b7, b70 = r7["bytes_per_token"], r70["bytes_per_token"]
+    # g = b x s + n x t0, two points
+    sec_per_byte = (g70 - g7 * n70 / n7) / (b70 - b7 * n70 / n7)
+    t0 = (g7 - b7 * sec_per_byte) / n7
+    rate = 1.0 / sec_per_byte
+    rq, gq = pts[("llama2-7b", "q0f16")]
+    eta_q0 = rq["bytes_per_token"] / ((gq - n7 * t0) * bw)
+    step7 = 1.0 / float(r7["decode_tok_per_s"])
+    kv7 = c7.kv_bytes_per_token(r7["prompt_tokens"] + r7["new_tokens"] // 2) * sec_per_byte
+    t_kernel = (step7 - g7 - kv7) / (7 * c7.num_layers + 2)
+    return {"rate.course-graph.q4": rate, "t_gemv.static_graph": t0, "eta.course-graph.q0": eta_q0,
+            "t_kernel.static_graph": t_kernel}
+
+
 def _gpu_key(name: str) -> str:
     """Map a GPU name as a results file writes it to a key of data/gpus.csv."""
     s = str(name).lower()
@@ -390,14 +458,17 @@ def _parse_record(r: dict) -> dict | None:
     if graph is None:
         graph = "cuda graph" in engine.lower() and "no cuda graph" not in engine.lower()
     kind = "course-graph" if r.get("kv") == "static" and graph else "course"
-    return {"preset": preset, "scheme": m.group(0), "cuda_graph": bool(graph), "engine": kind}
+    if kind == "course-graph" and r.get("file") in ENGINE_V1_FILES:
+        kind = "course-graph-v1"
+    return {"preset": preset, "scheme": m.group(0), "cuda_graph": bool(graph), "engine": kind,
+            "kv": r.get("kv", "dynamic")}
 
 
 def is_calibration_record(k: dict, shards: int, gpu: str = "H100-SXM", graph: bool | None = False) -> bool:
     """A record the ``t_layer.course.*`` parameters were derived from: 1 H100, Llama-2-7B q4
     (``graph=False``: the eager one, ``True``: the CUDA-graph one, ``None``: either)."""
     return shards == 1 and gpu == "H100-SXM" and k["preset"] == "llama2-7b" and k["scheme"] == "q4f16_1" \
-        and (graph is None or bool(k["cuda_graph"]) == graph)
+        and k.get("kv", "dynamic") == "dynamic" and (graph is None or bool(k["cuda_graph"]) == graph)
 
 
 def calibrate_host_overhead(records: list[dict] | None = None) -> float | None:
@@ -415,7 +486,8 @@ def calibrate_host_overhead(records: list[dict] | None = None) -> float | None:
 
 
 SCOPE_MIN_WEIGHT_SHARE = 0.25
-# Also out of scope: several GPUs without CUDA graphs. Each disco worker's VM then issues its
+# Also out of scope: the static cache without its CUDA graph (a diagnostic run: the VM issues
+# every kernel from the host, which neither course parameter set describes), and several GPUs without CUDA graphs. Each disco worker's VM then issues its
 # calls and eager NCCL all-reduces from the host, and the measured steps (2x H200) are 1.5x
 # longer than the one-GPU host time plus the all-reduces: no parameter here describes it.
 
@@ -434,9 +506,9 @@ def gpu_comparison(records: list[dict] | None = None) -> list[dict]:
         ctx = None
         if r.get("prompt_tokens") is not None and r.get("new_tokens") is not None:
             ctx = int(r["prompt_tokens"]) + int(r["new_tokens"]) // 2
-        if k["engine"] == "course-graph":  # efficiency relative to the copy measured in the run
+        if k["engine"].startswith("course-graph"):  # efficiency relative to the copy measured in the run
             p = predict(k["preset"], k["scheme"], gpu, int(r["shards"]), link="nvlink", context=ctx,
-                        engine="course-graph", bandwidth=float(r["bandwidth_GBps"]) * 1e9)
+                        engine=k["engine"], bandwidth=float(r["bandwidth_GBps"]) * 1e9)
         else:
             p = predict(k["preset"], k["scheme"], gpu, int(r["shards"]), link="nvlink",
                         cuda_graph=k["cuda_graph"], engine="course", context=ctx)
@@ -446,11 +518,15 @@ def gpu_comparison(records: list[dict] | None = None) -> list[dict]:
                      "error": p.tok_per_s / float(r["decode_tok_per_s"]) - 1,
                      "cuda_graph": k["cuda_graph"], "breakdown": p.breakdown,
                      "engine": k["engine"],
-                     "calibration": is_calibration_record(k, int(r["shards"]), gpu, graph=None)
-                     or (k["engine"] == "course-graph" and int(r["shards"]) == 1 and k["preset"] == "llama2-7b"
-                         and (r.get("gemv") == "dlight" or k["scheme"] == "q0f16")),
+                     "calibration": (k["engine"] == "course" and is_calibration_record(k, int(r["shards"]), gpu, graph=None))
+                     or (k["engine"] == "course-graph-v1" and int(r["shards"]) == 1 and k["preset"] == "llama2-7b"
+                         and (r.get("gemv") == "dlight" or k["scheme"] == "q0f16"))
+                     or (k["engine"] == "course-graph" and r.get("file") == CALIBRATION_FILE
+                         and int(r["shards"]) == 1 and r.get("gemv") == "course"
+                         and k["preset"] in ("llama2-7b", "llama2-70b")),
                      "in_scope": p.breakdown["weights"] >= SCOPE_MIN_WEIGHT_SHARE * p.ms_per_token
-                     and not (int(r["shards"]) > 1 and not k["cuda_graph"])})
+                     and not (int(r["shards"]) > 1 and not k["cuda_graph"])
+                     and not (k["kv"] == "static" and not k["cuda_graph"])})
     return rows
 
 
