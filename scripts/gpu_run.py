@@ -8,14 +8,20 @@ weights). From the repository root there::
 
     python3 scripts/gpu_run.py --out $OUT
 
-Stages (each writes ``$OUT/gpu_h100.json`` again, so a stage that fails keeps the others):
+Stages, most important first (each saves ``$OUT/<--name>`` again, so a stage that fails
+keeps the others; a stage that hangs dumps every thread's stack and ends the run):
 
 1. ``bandwidth``: a 1 GiB device-to-device copy through PyTorch (bytes read + written);
-2. ``tiny``: every tiny library against the NumPy reference (``ReferenceLlama``) on the
+2. ``llama``: every single-GPU Llama-shape library (``Engine.from_compiled``, random weights
+   made on the GPU): 128-token prompt, 256 decode tokens, tok/s against the bandwidth
+   ceiling; the graph-replayed ones traced with CUPTI (``gpu_kernel_trace``);
+3. ``tiny``: every tiny library against the NumPy reference (``ReferenceLlama``) on the
    CPU: logits after a prefill and along 20 greedy decode steps;
-3. ``llama2-7b``: the engine (``Engine.from_compiled``) on Llama-2-7B-shaped q4f16_1 with
-   random weights: 128-token prompt, 256 decode tokens, tok/s against the bandwidth ceiling;
-4. ``peer``: Hugging Face ``transformers`` eager fp16 on the same shape (random init).
+4. ``gemv``: each decode GEMV of a 7B layer and the lm_head alone, every step of the course's
+   GEMV ladder, dlight's and PyTorch's int4 kernel (``gemv_peer``);
+5. ``peer``: Hugging Face ``transformers`` eager fp16 on the 7B shape (random init);
+6. with 2 or more GPUs: tiny TP=2 against TP=1, then every TP=2 and (with 4 GPUs) TP=4
+   library through disco workers and NCCL.
 """
 
 from __future__ import annotations
