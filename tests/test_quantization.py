@@ -150,3 +150,44 @@ def test_group_sum_form_matches_the_plain_linear(scheme, k):
     scale = np.abs(ref).max()
     assert np.abs(outs[1] - ref).max() / scale < 1e-6
     assert np.abs(outs[1] - outs[0]).max() / scale < 1e-6
+
+
+@pytest.mark.parametrize("scheme", ["q4f32_1", "q4f32_asym", "q4f16_1"])
+@pytest.mark.parametrize("n,k", [(48, 384), (100, 1536)])  # 100 rows: not a multiple of a task
+def test_word_sum_form_matches_the_plain_linear(scheme, n, k):
+    """The CPU decode form (nibbles masked in place against activations scaled by 16**-e,
+    scale once per word lane), scheduled as the pipeline does, is the same sum as the plain
+    form; only the order of float additions differs."""
+    import tvm
+
+    from mlc_course.compile import cpu_target
+    from mlc_course.quantization import decode_gemv_func
+    from mlc_course.schedules import cpu_gemv_schedule
+
+    w = _w(n, k, seed=7)
+    qw, qs = quantize(w, scheme)
+    act = get_scheme(scheme).float_dtype
+    x = np.random.default_rng(8).standard_normal((1, 1, k)).astype(act)
+    ref = x[0, 0].astype(np.float64) @ dequantize(qw, qs, scheme).T.astype(np.float64)
+    outs = []
+    for word_sums in (False, True):
+        f = decode_gemv_func(n, k, scheme, word_sums=word_sums)
+        lib = tvm.compile(cpu_gemv_schedule(f).mod, target=cpu_target())
+        y = tvm.runtime.empty((1, 1, n), act, tvm.cpu())
+        lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(qw), tvm.runtime.tensor(qs), y)
+        outs.append(y.numpy()[0, 0].astype(np.float64))
+    scale = np.abs(ref).max()
+    tol = 1e-6 if act == "float32" else 1e-3  # float16 outputs round to 11 bits
+    assert np.abs(outs[1] - ref).max() / scale < tol
+    assert np.abs(outs[1] - outs[0]).max() / scale < tol
+
+
+def test_word_sum_form_only_where_it_fits():
+    """K not a multiple of 64 (or an unquantized scheme) keeps the plain form."""
+    from mlc_course.quantization import decode_gemv_func
+    from mlc_course.schedules import has_block
+
+    assert has_block(decode_gemv_func(16, 576, "q4f32_1", word_sums=True), "word_sum")
+    assert not has_block(decode_gemv_func(16, 544, "q4f32_1", word_sums=True), "word_sum")
+    assert not has_block(decode_gemv_func(16, 576, "q0f32", word_sums=True), "word_sum")
+
