@@ -191,3 +191,24 @@ def test_word_sum_form_only_where_it_fits():
     assert not has_block(decode_gemv_func(16, 544, "q4f32_1", word_sums=True), "word_sum")
     assert not has_block(decode_gemv_func(16, 576, "q0f32", word_sums=True), "word_sum")
 
+
+def test_cpu_pipeline_gives_every_decode_gemv_the_course_schedule():
+    """On the CPU the decode step's 4-bit linears are written in the word-sum form and the
+    course's GEMV rule schedules each of them (a rule that raises falls through silently to
+    the next one, which would still compute the right numbers, slowly)."""
+    from tvm import tirx
+
+    from mlc_course.compile import cpu_target, run_stages
+    from mlc_course.config import get_preset
+    from mlc_course.model import export
+    from mlc_course.schedules import CpuGEMV, has_block
+
+    target = cpu_target()
+    mod, _ = export(get_preset("smollm2-135m").with_(num_layers=1), "q4f32_1")
+    mod = run_stages(mod, target, upto="fuse")
+    word = {gv.name_hint: f for gv, f in mod.functions_items()
+            if isinstance(f, tirx.PrimFunc) and has_block(f, "word_sum")}
+    assert len(word) == 5, sorted(word)  # qkv, o (+ residual add), gate_up, down (+ add), lm_head
+    with target:
+        taken = {name for name, f in word.items() if CpuGEMV().apply(f, target, False) is not None}
+    assert taken == set(word), sorted(set(word) - taken)
