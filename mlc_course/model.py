@@ -421,7 +421,7 @@ class LlamaForCausalLM(nn.Module):
 
     def __init__(self, cfg: LlamaConfig, scheme: str, shards: int = 1, kv: str = "dynamic",
                  gpu: bool = False, static_max_len: int = STATIC_MAX_LEN, group_sums: bool | None = None,
-                 word_sums: bool | None = None):
+                 word_sums: bool = False):
         from .sharding import validate_shards
 
         validate_shards(cfg, shards, scheme)
@@ -432,8 +432,8 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, scheme)
         # the decode GEMVs in the form the course's CUDA schedule wants (GPU only by default)
         self.group_sums = gpu if group_sums is None else group_sums
-        # ... and in the form the course's CPU GEMV schedules (CPU only by default)
-        self.word_sums = (not gpu) if word_sums is None else word_sums
+        # ... or in the form the course's CPU GEMV schedules (build_model asks for it on CPUs)
+        self.word_sums = word_sums
         kv_opts = {"kv": kv, "gpu": gpu, "static_max_len": static_max_len, "group_sums": self.group_sums,
                    "word_sums": self.word_sums}
         self.layers = nn.ModuleList([DecoderLayer(cfg, scheme, shards, self.act_dtype, **kv_opts)
@@ -498,16 +498,16 @@ KV_CHOICES = ("dynamic", "static")
 
 def export(cfg: LlamaConfig, scheme: str, shards: int = 1, kv: str = "dynamic", gpu: bool = False,
            static_max_len: int = STATIC_MAX_LEN, group_sums: bool | None = None,
-           word_sums: bool | None = None):
+           word_sums: bool = False):
     """Build the Relax IRModule and the ordered list of (parameter name, spec).
 
     ``kv="static"`` (see the module doc) needs ``gpu`` to say whether the in-place cache
     write is generated for a GPU (thread-bound) or a CPU (a loop); ``static_max_len`` caps
     the cache rows (the context window caps it too). ``group_sums`` (default: ``gpu``)
     writes the decode step's 4-bit linears in the form the course's CUDA GEMV schedules;
-    dlight's GEMV rule wants the plain form (``group_sums=False``). ``word_sums`` (default:
-    not ``gpu``) writes them in the form the course's CPU GEMV schedules (where K is a
-    multiple of 64; other linears keep the plain form)."""
+    dlight's GEMV rule wants the plain form (``group_sums=False``). ``word_sums`` writes them
+    in the form the course's CPU GEMV schedules (where K is a multiple of 64; other linears
+    keep the plain form): :func:`mlc_course.compile.build_model` asks for it on CPU targets."""
     model = LlamaForCausalLM(cfg, scheme, shards, kv=kv, gpu=gpu, static_max_len=static_max_len,
                              group_sums=group_sums, word_sums=word_sums)
     mod, named_params = model.export_tvm(spec=model.get_default_spec())

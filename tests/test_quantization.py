@@ -193,9 +193,10 @@ def test_word_sum_form_only_where_it_fits():
 
 
 def test_cpu_pipeline_gives_every_decode_gemv_the_course_schedule():
-    """On the CPU the decode step's 4-bit linears are written in the word-sum form and the
-    course's GEMV rule schedules each of them (a rule that raises falls through silently to
-    the next one, which would still compute the right numbers, slowly)."""
+    """On the CPU (``build_model`` exports with ``word_sums``) the decode step's 4-bit linears
+    are written in the word-sum form and the course's GEMV rule schedules each of them (a rule
+    that raises falls through silently to the next one, which would still compute the right
+    numbers, slowly). GPU exports keep their forms."""
     from tvm import tirx
 
     from mlc_course.compile import cpu_target, run_stages
@@ -204,7 +205,11 @@ def test_cpu_pipeline_gives_every_decode_gemv_the_course_schedule():
     from mlc_course.schedules import CpuGEMV, has_block
 
     target = cpu_target()
-    mod, _ = export(get_preset("smollm2-135m").with_(num_layers=1), "q4f32_1")
+    cfg = get_preset("smollm2-135m").with_(num_layers=1)
+    for kw in ({}, {"gpu": True}):
+        assert not any(has_block(f, "word_sum") for _, f in export(cfg, "q4f32_1", **kw)[0].functions_items()
+                       if isinstance(f, tirx.PrimFunc))
+    mod, _ = export(cfg, "q4f32_1", word_sums=True)
     mod = run_stages(mod, target, upto="fuse")
     word = {gv.name_hint: f for gv, f in mod.functions_items()
             if isinstance(f, tirx.PrimFunc) and has_block(f, "word_sum")}
