@@ -16,8 +16,8 @@ load into a strided gather (and made LLVM run for minutes on this model). The ru
 
 The model's decode step writes its 4-bit linears in the word-sum form
 (:func:`mlc_course.quantization.te_linear_word_sums`), which the same function schedules
-with the same ideas (rows in parallel, vector lanes along K, rows walking K together) and
-fewer instructions per weight: see :func:`cpu_word_sum_gemv_schedule`.
+with the same ideas (rows in parallel, vector lanes along K, partial sums per lane) and fewer
+instructions per weight: see :func:`cpu_word_sum_gemv_schedule`.
 """
 
 from __future__ import annotations
