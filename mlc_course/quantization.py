@@ -229,7 +229,8 @@ def te_dequantize(q_weight, q_scale, name: str, out_dtype: str = "float32"):
                       name="dequantize")
 
 
-def te_linear(x, weights, name: str, out_dtype: str, group_sums: bool = False):
+def te_linear(x, weights, name: str, out_dtype: str, group_sums: bool = False,
+              word_sums: bool = False):
     """``y = x @ W.T`` with W stored in scheme ``name``: one TE op, dequantize inside the sum.
 
     x is (b, s, K) in the activation dtype; ``weights`` are the scheme's stored arrays
@@ -239,12 +240,16 @@ def te_linear(x, weights, name: str, out_dtype: str, group_sums: bool = False):
 
     ``group_sums`` (symmetric 4-bit schemes only; the GPU decode step) writes the same sum
     in the form the course's CUDA GEMV schedules: see :func:`te_linear_group_sums`.
+    ``word_sums`` (4-bit schemes, K a multiple of 64; the CPU decode step) writes it in the
+    form the course's CPU GEMV schedules: see :func:`te_linear_word_sums`.
     """
     from tvm import te
 
     scheme = get_scheme(name)
     if group_sums and scheme.quantized and scheme.symmetric:
         return te_linear_group_sums(x, weights, name, out_dtype)
+    if word_sums and word_sums_fit(x.shape[-1], name):
+        return te_linear_word_sums(x, weights, name, out_dtype)
     elem = te_weight_element(name, *weights)
     b, s, k_dim = x.shape
     n = weights[0].shape[0]
@@ -322,18 +327,120 @@ def te_linear_group_sums(x, weights, name: str, out_dtype: str):
     return te.compute((b, s, n), lambda i, t, j: acc[i, t, j].astype(out_dtype), name="cast")
 
 
+WORDS_PER_CHUNK = 8  # the CPU form's vector: eight consecutive words (64 weights, 2 groups)
+WORD_SUM_SPLITS = 2  # independent partial sums per word lane in the CPU form (shorter FMA chains)
+
+
+def word_sums_fit(k, name: str) -> bool:
+    """Whether a linear with input size ``k`` can take the CPU form :func:`te_linear_word_sums`
+    (a 4-bit scheme and ``k`` a static multiple of 64)."""
+    from tvm import tirx
+
+    scheme = get_scheme(name)
+    if isinstance(k, tirx.IntImm):
+        k = int(k)
+    return (scheme.quantized and scheme.group_size == 32 and isinstance(k, int)
+            and k % (WORDS_PER_CHUNK * ELEMS_PER_WORD) == 0)
+
+
+def te_linear_word_sums(x, weights, name: str, out_dtype: str, splits: int = WORD_SUM_SPLITS):
+    """The 4-bit linear of one token in the form the course's CPU GEMV schedules
+    (:func:`mlc_course.schedules.cpu_gemv_schedule`): the nibbles are never shifted, the
+    scale is applied once per word lane, not once per weight.
+
+    K is walked in chunks of 8 consecutive words (64 weights, 2 groups); a CPU vector holds
+    the 8 words, lane ``w`` the word ``8c + w``. Nibble ``e`` of every lane is taken out with
+    one AND, in place (``word & (0xF << 4e)`` is the integer ``q * 16**e``), and converted to
+    float32 exactly; the activations were put in the same lane order and multiplied by
+    ``16**-e`` once per token (``x_lanes``; a power of two, so each product equals
+    ``q * x`` bit for bit). Per weight that is an AND, a conversion and a fused multiply-add
+    on full vectors (the plain form broadcasts, shifts, masks, converts, subtracts 7 and
+    multiplies by the scale first). Per row and chunk:
+
+        word_sum[j, c, h, w] = sum_{e in split h} q[j, 64c + 8w + e] * x[64c + 8w + e]
+        y[j] = sum_{c, w} scale[j, 2c + w // 4] * (sum_h word_sum[j, c, h, w] - 7 * x_word_sums[c, w])
+
+    with ``x_word_sums`` (the sums of x over each word's 8 positions) computed once per
+    token and shared by every row; the asymmetric schemes add ``min * x_word_sums`` instead.
+    The 8 nibbles of a word are summed in ``splits`` independent partial sums (``h``): a
+    chain of 8 dependent fused multiply-adds per chunk kept the CPU waiting on their
+    latency. Mathematically the same as :func:`te_linear` (products exact, float32 sums in
+    another order: results agree to rounding, not bit for bit)."""
+    from tvm import te, tirx
+
+    scheme = get_scheme(name)
+    q_weight, q_scale = weights
+    b, s, k_dim = x.shape
+    n = q_weight.shape[0]
+    chunks = int(k_dim) // (WORDS_PER_CHUNK * ELEMS_PER_WORD)
+    f32 = "float32"
+
+    def pos(c, w, e):  # element of K held by nibble e of lane w in chunk c
+        return (c * WORDS_PER_CHUNK + w) * ELEMS_PER_WORD + e
+
+    def inv_16_pow(e):  # 16**-e as float32, exact: exponent bits 127 - 4e (unsigned: an index
+        # dtype would be widened to int64 by create_prim_func, and a bitcast needs 32 bits)
+        u32 = "uint32"
+        return tirx.reinterpret(f32, (tirx.const(127, u32) - (4 * e).astype(u32)) << tirx.const(23, u32))
+
+    x_lanes = te.compute((b, s, chunks, ELEMS_PER_WORD, WORDS_PER_CHUNK),
+                         lambda i, t, c, e, w: x[i, t, pos(c, w, e)].astype(f32) * inv_16_pow(e),
+                         name="x_lanes")
+    e0 = te.reduce_axis((0, ELEMS_PER_WORD), name="e0")
+    offset = tirx.const(7.0 if scheme.symmetric else 1.0, f32)
+    x_words = te.compute((b, s, chunks, WORDS_PER_CHUNK),
+                         lambda i, t, c, w: te.sum(x[i, t, pos(c, w, e0)].astype(f32) * offset, axis=e0),
+                         name="x_word_sums")
+    per_split = ELEMS_PER_WORD // splits
+    e = te.reduce_axis((0, per_split), name="e")
+
+    def q_times_16_pow(j, c, w, e):  # the nibble in place: q * 16**e, an exact float32
+        mask = tirx.const(0xF, "uint32") << (4 * e).astype("uint32")
+        return (q_weight[j, c * WORDS_PER_CHUNK + w] & mask).astype(f32)
+
+    word_sum = te.compute((b, s, n, chunks, splits, WORDS_PER_CHUNK), lambda i, t, j, c, h, w: te.sum(
+        q_times_16_pow(j, c, w, h * per_split + e) * x_lanes[i, t, c, h * per_split + e, w], axis=e),
+        name="word_sum")
+
+    def word_total(i, t, j, c, w):
+        total = word_sum[i, t, j, c, 0, w]
+        for h in range(1, splits):
+            total = total + word_sum[i, t, j, c, h, w]
+        return total
+    rc = te.reduce_axis((0, chunks), name="rc")
+    rw = te.reduce_axis((0, WORDS_PER_CHUNK), name="rw")
+    words_per_group = scheme.group_size // ELEMS_PER_WORD
+
+    def group(c, w):
+        return c * (WORDS_PER_CHUNK // words_per_group) + w // words_per_group
+
+    if scheme.symmetric:
+        def term(i, t, j):
+            return ((word_total(i, t, j, rc, rw) - x_words[i, t, rc, rw])
+                    * q_scale[j, group(rc, rw)].astype(f32))
+    else:
+        def term(i, t, j):
+            return (word_total(i, t, j, rc, rw) * q_scale[j, group(rc, rw), 0].astype(f32)
+                    + x_words[i, t, rc, rw] * q_scale[j, group(rc, rw), 1].astype(f32))
+    acc = te.compute((b, s, n), lambda i, t, j: te.sum(term(i, t, j), axis=[rc, rw]), name="matmul")
+    if out_dtype == "float32":
+        return acc
+    return te.compute((b, s, n), lambda i, t, j: acc[i, t, j].astype(out_dtype), name="cast")
+
+
 def decode_gemv_func(n: int, k: int, scheme: str, act_dtype: str | None = None,
-                     group_sums: bool = False):
+                     group_sums: bool = False, word_sums: bool = False):
     """The decode step's linear for an (n, k) weight as a PrimFunc, exactly as the model
     writes it (one TE op, dequantize inside the sum): ``x (1, 1, k) -> y (1, 1, n)``. What
     notebooks and benchmarks schedule and time on its own (``group_sums``: the GPU form,
-    :func:`te_linear_group_sums`)."""
+    :func:`te_linear_group_sums`; ``word_sums``: the CPU form, :func:`te_linear_word_sums`)."""
     from tvm import te
 
     act_dtype = act_dtype or get_scheme(scheme).float_dtype
     x = te.placeholder((1, 1, k), act_dtype, name="x")
     w = [te.placeholder(s, d, name=nm) for nm, (s, d) in weight_arrays_shapes(n, k, scheme).items()]
-    return te.create_prim_func([x, *w, te_linear(x, w, scheme, act_dtype, group_sums=group_sums)])
+    return te.create_prim_func([x, *w, te_linear(x, w, scheme, act_dtype, group_sums=group_sums,
+                                                 word_sums=word_sums)])
 
 
 def te_embedding(ids, weights, name: str, out_dtype: str):

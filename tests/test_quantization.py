@@ -150,3 +150,70 @@ def test_group_sum_form_matches_the_plain_linear(scheme, k):
     scale = np.abs(ref).max()
     assert np.abs(outs[1] - ref).max() / scale < 1e-6
     assert np.abs(outs[1] - outs[0]).max() / scale < 1e-6
+
+
+@pytest.mark.parametrize("scheme", ["q4f32_1", "q4f32_asym", "q4f16_1"])
+@pytest.mark.parametrize("n,k", [(48, 384), (100, 1536)])  # 100 rows: not a multiple of a task
+def test_word_sum_form_matches_the_plain_linear(scheme, n, k):
+    """The CPU decode form (nibbles masked in place against activations scaled by 16**-e,
+    scale once per word lane), scheduled as the pipeline does, is the same sum as the plain
+    form; only the order of float additions differs."""
+    import tvm
+
+    from mlc_course.compile import cpu_target
+    from mlc_course.quantization import decode_gemv_func
+    from mlc_course.schedules import cpu_gemv_schedule
+
+    w = _w(n, k, seed=7)
+    qw, qs = quantize(w, scheme)
+    act = get_scheme(scheme).float_dtype
+    x = np.random.default_rng(8).standard_normal((1, 1, k)).astype(act)
+    ref = x[0, 0].astype(np.float64) @ dequantize(qw, qs, scheme).T.astype(np.float64)
+    outs = []
+    for word_sums in (False, True):
+        f = decode_gemv_func(n, k, scheme, word_sums=word_sums)
+        lib = tvm.compile(cpu_gemv_schedule(f).mod, target=cpu_target())
+        y = tvm.runtime.empty((1, 1, n), act, tvm.cpu())
+        lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(qw), tvm.runtime.tensor(qs), y)
+        outs.append(y.numpy()[0, 0].astype(np.float64))
+    scale = np.abs(ref).max()
+    tol = 1e-6 if act == "float32" else 1e-3  # float16 outputs round to 11 bits
+    assert np.abs(outs[1] - ref).max() / scale < tol
+    assert np.abs(outs[1] - outs[0]).max() / scale < tol
+
+
+def test_word_sum_form_only_where_it_fits():
+    """K not a multiple of 64 (or an unquantized scheme) keeps the plain form."""
+    from mlc_course.quantization import decode_gemv_func
+    from mlc_course.schedules import has_block
+
+    assert has_block(decode_gemv_func(16, 576, "q4f32_1", word_sums=True), "word_sum")
+    assert not has_block(decode_gemv_func(16, 544, "q4f32_1", word_sums=True), "word_sum")
+    assert not has_block(decode_gemv_func(16, 576, "q0f32", word_sums=True), "word_sum")
+
+
+def test_cpu_pipeline_gives_every_decode_gemv_the_course_schedule():
+    """On the CPU (``build_model`` exports with ``word_sums``) the decode step's 4-bit linears
+    are written in the word-sum form and the course's GEMV rule schedules each of them (a rule
+    that raises falls through silently to the next one, which would still compute the right
+    numbers, slowly). GPU exports keep their forms."""
+    from tvm import tirx
+
+    from mlc_course.compile import cpu_target, run_stages
+    from mlc_course.config import get_preset
+    from mlc_course.model import export
+    from mlc_course.schedules import CpuGEMV, has_block
+
+    target = cpu_target()
+    cfg = get_preset("smollm2-135m").with_(num_layers=1)
+    for kw in ({}, {"gpu": True}):
+        assert not any(has_block(f, "word_sum") for _, f in export(cfg, "q4f32_1", **kw)[0].functions_items()
+                       if isinstance(f, tirx.PrimFunc))
+    mod, _ = export(cfg, "q4f32_1", word_sums=True)
+    mod = run_stages(mod, target, upto="fuse")
+    word = {gv.name_hint: f for gv, f in mod.functions_items()
+            if isinstance(f, tirx.PrimFunc) and has_block(f, "word_sum")}
+    assert len(word) == 5, sorted(word)  # qkv, o (+ residual add), gate_up, down (+ add), lm_head
+    with target:
+        taken = {name for name, f in word.items() if CpuGEMV().apply(f, target, False) is not None}
+    assert taken == set(word), sorted(set(word) - taken)
