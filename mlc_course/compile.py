@@ -69,12 +69,15 @@ def is_gpu(target) -> bool:
 
 
 def gpu_rules(gemv: str = "course") -> list:
-    """dlight's GPU rules, in the order tried: the first that applies schedules a kernel.
+    """The GPU rules, in the order tried: the first that applies schedules a kernel.
 
-    The decode step's quantized linears (one token: a static row) get ``GEMV``; prefill's
-    (a dynamic number of rows) get ``GeneralReduction`` (the dequantize inside the
-    reduction is no plain matmul); attention, norms and softmax get ``Matmul``/``Reduction``/
-    ``GeneralReduction``; elementwise kernels ``Fallback``.
+    The decode step's quantized linears (one token: a static row) get the course's
+    ``CudaGEMV`` (their group-sum form always; the plain form too with ``gemv="course"``)
+    or dlight's ``GEMV`` (the plain form, ``gemv="dlight"``); prefill's (a dynamic number of
+    rows) get ``GeneralReduction`` (the dequantize inside the reduction is no plain matmul);
+    prefill's attention, norms and softmax get ``Matmul``/``Reduction``/``GeneralReduction``;
+    elementwise kernels ``Fallback``. (The static decode step's attention and cache write are
+    written scheduled, in TIR: ``model.decode_attention_funcs``, ``model.kv_write_func``.)
     """
     import tvm.s_tir.dlight as dl
 
@@ -165,8 +168,10 @@ GEMV_CHOICES = ("course", "dlight")
 def pipeline_stages(target, gemv: str = "course") -> list[tuple[str, list]]:
     """The course's pipeline as (stage name, passes).
 
-    ``gemv`` (GPU only) picks the schedule of the decode step's quantized linears: the
-    course's own (:func:`mlc_course.schedules.cuda_gemv_schedule`) or stock dlight's."""
+    ``gemv`` (GPU only) picks the schedule of the decode step's quantized linears in the
+    plain form: the course's own (:func:`mlc_course.schedules.cuda_gemv_schedule`) or stock
+    dlight's. The group-sum form (``model.export(gpu=True)``) always gets the course's
+    :func:`mlc_course.schedules.cuda_group_gemv_schedule`."""
     if gemv not in GEMV_CHOICES:
         raise ValueError(f"gemv must be one of {GEMV_CHOICES}, got {gemv!r}")
     import tvm.s_tir.dlight as dl
