@@ -327,6 +327,13 @@ def main(argv=None) -> int:
         for n in ffi_members(wheel):
             z.extract(n, site)
     log(f"site/: runtime-only tvm + tvm_ffi {ffi_version()} ({wheel.name})")
+    if any(m.startswith("smollm2") for m in args.models.split(",")):
+        # scripts/smollm2_gpu_check.py reads the GGUF there: the pure-Python gguf package
+        import gguf
+
+        shutil.copytree(Path(gguf.__file__).parent, site / "gguf",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        log("site/gguf: the GGUF reader (for the SmolLM2 check)")
     from mlc_course import ccl
 
     plugin = ccl.build_nccl_ccl()  # NCCL and cudart are dlopen'd there: builds without them

@@ -7,7 +7,12 @@ back-to-back calls (a warm machine keeps ignored folders between calls) and it i
 
 Here (CPU)::
 
-    python scripts/smollm2_gpu_check.py prepare [--schemes q0f32,q4f16_1]   # expected tokens + GGUF parts
+    python scripts/build_carry.py --models smollm2-135m:q0f32:static,smollm2-135m:q4f16_1:static,smollm2-135m:q0f16:static
+    python scripts/smollm2_gpu_check.py prepare --schemes q0f32,q4f16_1,q0f16   # expected tokens + GGUF parts
+
+then three calls of the ``run`` tool within the warm machine's idle time, carrying ``.carry``,
+``.gguf/part0`` and ``.gguf/part1`` in turn, the last one running the check (the final run,
+2026-11-26, one H100: about 50 s of machine time in all).
 
 There (after ``.carry`` from build_carry.py with the smollm2 libraries, and the parts)::
 
@@ -77,18 +82,20 @@ def run(out: Path) -> int:
     doc = {"machine": info, "date": time.strftime("%Y-%m-%d", time.gmtime()),
            "command": "python3 scripts/smollm2_gpu_check.py run", "cases": []}
     for lib, m in manifest["libraries"].items():
-        if m["model"] != "smollm2-135m" or m.get("cuda_graph"):
+        if m["model"] != "smollm2-135m" or m.get("graph_kind") == "relax":
             continue
-        scheme = m["quantization"]
+        scheme, kv = m["quantization"], m.get("kv", "dynamic")
         conv = convert_params(hf, cfg, scheme)
         arrays = [conv[name] for name, _, _ in m["params"]]
-        eng = Engine.from_compiled(carry / "lib" / lib, cfg, arrays, scheme, "cuda", quiet=True)
+        # the static-KV libraries run as the engine runs them on GPUs: each step one CUDA graph
+        eng = Engine.from_compiled(carry / "lib" / lib, cfg, arrays, scheme, "cuda", quiet=True,
+                                   kv=kv, graph=kv == "static")
         for case in (c for c in expected["cases"] if c["scheme"] == scheme):
             res = eng.generate(case["prompt_ids"], max_new_tokens=expected["new_tokens"], stop_ids=(case["eos"],))
             cpu = case["cpu_output_ids"]
             agree = sum(1 for a, b in zip(res.output_ids, cpu) if a == b)
             first_diff = next((i for i, (a, b) in enumerate(zip(res.output_ids, cpu)) if a != b), None)
-            doc["cases"].append({"scheme": scheme, "prompt": case["prompt"], "chat": case["chat"],
+            doc["cases"].append({"scheme": scheme, "kv": kv, "prompt": case["prompt"], "chat": case["chat"],
                                  "cpu_output_ids": cpu, "gpu_output_ids": res.output_ids,
                                  "identical": res.output_ids == cpu, "agreeing_positions": agree,
                                  "first_difference": first_diff, "gpu": info["gpu"],

@@ -196,3 +196,12 @@ def test_course_group_gemv_cuda_code():
     assert "(float)((" not in kernel  # the old form converted each nibble: (float)((w >> s) & 15)
     assert "float matmul_rf_local_ptr[2]" in kernel  # two rows' partial sums per thread
     assert kernel.count("q_scale") < kernel.count("q_weight")  # a scale per group, not per weight
+
+
+def test_smollm2_on_gpu_matches_cpu():
+    """The committed SmolLM2 check: the engine on a GPU (static cache, graphs) gives the CPU's
+    greedy tokens for float32 and float16 activations, every prompt."""
+    doc = json.loads((ROOT / "data" / "results" / "gpu_smollm2.json").read_text())
+    schemes = {c["scheme"] for c in doc["cases"]}
+    assert {"q0f32", "q4f16_1", "q0f16"} <= schemes
+    assert all(c["identical"] and c["kv"] == "static" for c in doc["cases"]), doc["cases"]
