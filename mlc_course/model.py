@@ -212,11 +212,11 @@ def _te_attention_output(p, v, out_dtype: str, first=None):
 
 
 def kv_write_func(max_len: int, num_kv_heads: int, head_dim: int, dtype: str, gpu: bool,
-                  n: int = 2, src_heads: int | None = None, src_offsets: list[int] | None = None) -> tirx.PrimFunc:
-    """``cache_i[pos + t] = new_i[t]`` for the ``s`` new rows of ``n`` caches (K and V),
-    *in place* (``call_tir_inplace``). With ``src_heads``, one source ``(s, src_heads, d)``
-    holds all the new rows, cache ``i``'s heads from head ``src_offsets[i]`` on (the output
-    of :func:`_te_qkv_rope`).
+                  src_heads: int, src_offsets: list[int]) -> tirx.PrimFunc:
+    """``cache_i[pos + t] = new[t, src_offsets[i]:...]`` for the ``s`` new rows of
+    ``len(src_offsets)`` caches (K and V), *in place* (``call_tir_inplace``): one source
+    ``(s, src_heads, d)`` holds all the new rows, cache ``i``'s heads from head
+    ``src_offsets[i]`` on (the output of :func:`_te_qkv_rope`).
 
     Written as plain TIR (no schedulable block): one loop over the ``s * heads * dim``
     elements, split over CUDA blocks and threads on GPUs, storing into every cache. The
@@ -227,13 +227,9 @@ def kv_write_func(max_len: int, num_kv_heads: int, head_dim: int, dtype: str, gp
     from tvm import te as _te
 
     s = tirx.Var("s", "int64")
-    caches = [tirx.decl_buffer((max_len, num_kv_heads, head_dim), dtype, f"cache{i}") for i in range(n)]
-    if src_heads is None:
-        news = [tirx.decl_buffer((s, num_kv_heads, head_dim), dtype, f"new{i}") for i in range(n)]
-        offsets = [0] * n
-    else:
-        news = [tirx.decl_buffer((s, src_heads, head_dim), dtype, "new")]
-        offsets = list(src_offsets)
+    caches = [tirx.decl_buffer((max_len, num_kv_heads, head_dim), dtype, f"cache{i}")
+              for i in range(len(src_offsets))]
+    new = tirx.decl_buffer((s, src_heads, head_dim), dtype, "new")
     pos = tirx.decl_buffer((1,), "int32", "pos")
     unit = num_kv_heads * head_dim
     total = s * unit
@@ -242,9 +238,8 @@ def kv_write_func(max_len: int, num_kv_heads: int, head_dim: int, dtype: str, gp
         t, r = tirx.floordiv(i, unit), tirx.floormod(i, unit)
         h, e = tirx.floordiv(r, head_dim), tirx.floormod(r, head_dim)
         row = tirx.Cast("int64", tirx.BufferLoad(pos, [tirx.const(0, "int64")])) + t
-        srcs = news if len(news) == n else news * n
-        stores = [tirx.BufferStore(c, tirx.BufferLoad(nw, [t, h + off, e]), [row, h, e])
-                  for c, nw, off in zip(caches, srcs, offsets)]
+        stores = [tirx.BufferStore(c, tirx.BufferLoad(new, [t, h + off, e]), [row, h, e])
+                  for c, off in zip(caches, src_offsets)]
         return tirx.SeqStmt(stores) if len(stores) > 1 else stores[0]
 
     if gpu:
@@ -258,7 +253,7 @@ def kv_write_func(max_len: int, num_kv_heads: int, head_dim: int, dtype: str, gp
     else:
         i = tirx.Var("i", "int64")
         body = tirx.For(i, tirx.const(0, "int64"), total, tirx.ForKind.SERIAL, store(i))
-    func = tirx.PrimFunc([*caches, *news, pos], body)
+    func = tirx.PrimFunc([*caches, new, pos], body)
     # op_pattern 8 = opaque: FuseOps must not merge producers into an in-place write
     return func.with_attrs({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
 
@@ -436,7 +431,7 @@ def write_kv(k_cache: "StaticKVCache", v_cache: "StaticKVCache", heads: nn.Tenso
     """Rows ``pos .. pos + s - 1`` of both caches become the K and V heads of ``heads``
     (``(s, heads, d)``, K's from head ``k_head`` on, V's right after): one kernel."""
     hkv = k_cache.unit_shape[0]
-    func = kv_write_func(k_cache.max_len, *k_cache.unit_shape, k_cache.dtype, k_cache.gpu, n=2,
+    func = kv_write_func(k_cache.max_len, *k_cache.unit_shape, k_cache.dtype, k_cache.gpu,
                          src_heads=int(heads.shape[1]), src_offsets=[k_head, k_head + hkv])
     ks, vs = op.tensor_ir_inplace_op(
         func, "kv_write", [nn.Tensor(_expr=k_cache.cache), nn.Tensor(_expr=v_cache.cache), heads, pos], [0, 1],

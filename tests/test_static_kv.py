@@ -13,12 +13,14 @@ import tvm
 def test_kv_write_is_in_place_at_the_position():
     from mlc_course.model import kv_write_func
 
-    f = kv_write_func(16, 2, 4, "float32", gpu=False, n=2)
+    # the new rows' heads as the RoPE kernel leaves them: one query head, then K's two, then V's two
+    f = kv_write_func(16, 2, 4, "float32", gpu=False, src_heads=5, src_offsets=[1, 3])
     lib = tvm.compile(tvm.IRModule({"kv_write": f.with_attr("global_symbol", "kv_write")}), target="llvm")
     k, v = np.full((16, 2, 4), -1, "float32"), np.full((16, 2, 4), -2, "float32")
     nk = np.arange(24, dtype="float32").reshape(3, 2, 4)
+    heads = np.concatenate([np.full((3, 1, 4), 99, "float32"), nk, -nk], axis=1)
     tk, tv = tvm.runtime.tensor(k), tvm.runtime.tensor(v)
-    lib["kv_write"](tk, tv, tvm.runtime.tensor(nk), tvm.runtime.tensor(-nk), tvm.runtime.tensor(np.array([5], "int32")))
+    lib["kv_write"](tk, tv, tvm.runtime.tensor(heads), tvm.runtime.tensor(np.array([5], "int32")))
     rk, rv = tk.numpy(), tv.numpy()
     assert np.array_equal(rk[5:8], nk) and np.array_equal(rv[5:8], -nk)
     assert (rk[:5] == -1).all() and (rk[8:] == -1).all() and (rv[8:] == -2).all()
