@@ -57,29 +57,27 @@ class QuantizedWeight(nn.Module):
 class Linear(QuantizedWeight):
     """``y = x @ W.T`` as one TE op (see :func:`mlc_course.quantization.te_linear`).
 
-    ``group_sums``: a one-token input (the decode step) uses the group-sum form that the
-    course's CUDA GEMV schedules (:func:`mlc_course.quantization.te_linear_group_sums`).
-    ``word_sums``: a one-token input uses the word-sum form that the course's CPU GEMV
-    schedules (:func:`mlc_course.quantization.te_linear_word_sums`)."""
+    ``form``: how a one-token input (the decode step) writes the sum, for its schedule:
+    ``"plain"``, ``"group"`` (the course's CUDA GEMV) or ``"word"`` (the course's CPU GEMV);
+    see :func:`mlc_course.quantization.te_linear`. Longer inputs (prefill) stay plain."""
 
-    def __init__(self, out_features: int, in_features: int, scheme: str, group_sums: bool = False,
-                 word_sums: bool = False):
+    def __init__(self, out_features: int, in_features: int, scheme: str, form: str = "plain"):
         super().__init__(out_features, in_features, scheme)
-        self.group_sums = group_sums
-        self.word_sums = word_sums
+        self.form = form
 
     def forward(self, x: nn.Tensor, out_dtype: str | None = None) -> nn.Tensor:
         out_dtype = out_dtype or x.dtype
         return op.tensor_expr_op(
-            lambda xx, *w: te_linear(xx, w, self.scheme, out_dtype, group_sums=_one_token(xx) and self.group_sums,
-                                     word_sums=_one_token(xx) and self.word_sums),
+            lambda xx, *w: te_linear(xx, w, self.scheme, out_dtype, form=_decode_form(xx, self.form)),
             "linear", [x, *self.arrays()])
 
 
-def _one_token(x) -> bool:
-    """Whether a TE input ``(b, s, k)`` has a static ``s == 1`` (the decode step)."""
+def _decode_form(x, form: str) -> str:
+    """``form`` for a TE input ``(b, s, k)`` with a static ``s == 1`` (the decode step),
+    ``"plain"`` for any other."""
     s = x.shape[1]
-    return isinstance(s, tirx.IntImm) and int(s) == 1 or isinstance(s, int) and s == 1
+    one = isinstance(s, tirx.IntImm) and int(s) == 1 or isinstance(s, int) and s == 1
+    return form if one else "plain"
 
 
 class Embedding(QuantizedWeight):
@@ -480,15 +478,15 @@ class StaticKVCache(nn.Effect):
 class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig, scheme: str, shards: int, act_dtype: str,
                  kv: str = "dynamic", gpu: bool = False, static_max_len: int = STATIC_MAX_LEN,
-                 group_sums: bool = False, word_sums: bool = False):
+                 form: str = "plain"):
         self.num_heads = cfg.num_heads // shards
         self.num_kv_heads = cfg.num_kv_heads // shards
         self.head_dim = cfg.head_dim
         self.rope_theta = cfg.rope_theta
         self.shards = shards
         qkv_out = (self.num_heads + 2 * self.num_kv_heads) * cfg.head_dim
-        self.qkv_proj = Linear(qkv_out, cfg.hidden_size, scheme, group_sums, word_sums)
-        self.o_proj = Linear(cfg.hidden_size, self.num_heads * cfg.head_dim, scheme, group_sums, word_sums)
+        self.qkv_proj = Linear(qkv_out, cfg.hidden_size, scheme, form)
+        self.o_proj = Linear(cfg.hidden_size, self.num_heads * cfg.head_dim, scheme, form)
         unit = [self.num_kv_heads, cfg.head_dim]
         self.static = kv == "static"
         if self.static:
@@ -560,12 +558,11 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: LlamaConfig, scheme: str, shards: int, group_sums: bool = False,
-                 word_sums: bool = False):
+    def __init__(self, cfg: LlamaConfig, scheme: str, shards: int, form: str = "plain"):
         self.inter = cfg.intermediate_size // shards
         self.shards = shards
-        self.gate_up_proj = Linear(2 * self.inter, cfg.hidden_size, scheme, group_sums, word_sums)
-        self.down_proj = Linear(cfg.hidden_size, self.inter, scheme, group_sums, word_sums)
+        self.gate_up_proj = Linear(2 * self.inter, cfg.hidden_size, scheme, form)
+        self.down_proj = Linear(cfg.hidden_size, self.inter, scheme, form)
 
     def forward(self, x: nn.Tensor) -> nn.Tensor:
         gate, up = op.split(self.gate_up_proj(x), 2, axis=-1)
@@ -580,7 +577,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = nn.Parameter((cfg.hidden_size,), act_dtype)
         self.post_attention_layernorm = nn.Parameter((cfg.hidden_size,), act_dtype)
         self.self_attn = Attention(cfg, scheme, shards, act_dtype, **kv_opts)
-        self.mlp = MLP(cfg, scheme, shards, kv_opts.get("group_sums", False), kv_opts.get("word_sums", False))
+        self.mlp = MLP(cfg, scheme, shards, kv_opts.get("form", "plain"))
         self.eps = cfg.rms_norm_eps
 
     def forward(self, x: nn.Tensor, total_seq_len: tirx.Var) -> nn.Tensor:
@@ -592,8 +589,7 @@ class LlamaForCausalLM(nn.Module):
     """The whole decoder for one tensor-parallel worker (all of it when ``shards == 1``)."""
 
     def __init__(self, cfg: LlamaConfig, scheme: str, shards: int = 1, kv: str = "dynamic",
-                 gpu: bool = False, static_max_len: int = STATIC_MAX_LEN, group_sums: bool | None = None,
-                 word_sums: bool = False):
+                 gpu: bool = False, static_max_len: int = STATIC_MAX_LEN, form: str | None = None):
         from .sharding import validate_shards
 
         validate_shards(cfg, shards, scheme)
@@ -602,17 +598,15 @@ class LlamaForCausalLM(nn.Module):
         self.config, self.scheme_name, self.shards, self.kv = cfg, scheme, shards, kv
         self.act_dtype = get_scheme(scheme).float_dtype
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, scheme)
-        # the decode GEMVs in the form the course's CUDA schedule wants (GPU only by default)
-        self.group_sums = gpu if group_sums is None else group_sums
-        # ... or in the form the course's CPU GEMV schedules (build_model asks for it on CPUs)
-        self.word_sums = word_sums
-        kv_opts = {"kv": kv, "gpu": gpu, "static_max_len": static_max_len, "group_sums": self.group_sums,
-                   "word_sums": self.word_sums}
+        # the decode GEMVs' form: by default the course's CUDA GEMV's on GPUs; build_model
+        # asks for the CPU GEMV's ("word") on CPUs
+        self.form = form or ("group" if gpu else "plain")
+        kv_opts = {"kv": kv, "gpu": gpu, "static_max_len": static_max_len, "form": self.form}
         self.layers = nn.ModuleList([DecoderLayer(cfg, scheme, shards, self.act_dtype, **kv_opts)
                                      for _ in range(cfg.num_layers)])
         self.norm = nn.Parameter((cfg.hidden_size,), self.act_dtype)
         if not cfg.tie_embeddings:
-            self.lm_head = Linear(cfg.vocab_size, cfg.hidden_size, scheme, self.group_sums, self.word_sums)
+            self.lm_head = Linear(cfg.vocab_size, cfg.hidden_size, scheme, self.form)
         if kv == "static":  # the entry points take the position tensor instead
             self.prefill, self.decode = self._prefill_static, self._decode_static
 
@@ -620,8 +614,7 @@ class LlamaForCausalLM(nn.Module):
         head = self.embed_tokens if self.config.tie_embeddings else self.lm_head
         return op.tensor_expr_op(
             lambda xx, *w: te_linear(xx, w, self.scheme_name, "float32",
-                                     group_sums=self.group_sums and _one_token(xx),
-                                     word_sums=self.word_sums and _one_token(xx)),
+                                     form=_decode_form(xx, self.form)),
             "lm_head", [h, *head.arrays()])
 
     def forward(self, input_ids: nn.Tensor, position) -> nn.Tensor:
@@ -669,19 +662,18 @@ KV_CHOICES = ("dynamic", "static")
 
 
 def export(cfg: LlamaConfig, scheme: str, shards: int = 1, kv: str = "dynamic", gpu: bool = False,
-           static_max_len: int = STATIC_MAX_LEN, group_sums: bool | None = None,
-           word_sums: bool = False):
+           static_max_len: int = STATIC_MAX_LEN, form: str | None = None):
     """Build the Relax IRModule and the ordered list of (parameter name, spec).
 
     ``kv="static"`` (see the module doc) needs ``gpu`` to say whether the in-place cache
     write is generated for a GPU (thread-bound) or a CPU (a loop); ``static_max_len`` caps
-    the cache rows (the context window caps it too). ``group_sums`` (default: ``gpu``)
-    writes the decode step's 4-bit linears in the form the course's CUDA GEMV schedules;
-    dlight's GEMV rule wants the plain form (``group_sums=False``). ``word_sums`` writes them
-    in the form the course's CPU GEMV schedules (where K is a multiple of 64; other linears
-    keep the plain form): :func:`mlc_course.compile.build_model` asks for it on CPU targets."""
+    the cache rows (the context window caps it too). ``form`` writes the decode step's 4-bit
+    linears for a schedule (:func:`mlc_course.quantization.te_linear`): by default
+    ``"group"`` (the course's CUDA GEMV) with ``gpu``, else ``"plain"``; dlight's GEMV rule
+    wants ``"plain"``; :func:`mlc_course.compile.build_model` asks for ``"word"`` (the
+    course's CPU GEMV) on CPU targets."""
     model = LlamaForCausalLM(cfg, scheme, shards, kv=kv, gpu=gpu, static_max_len=static_max_len,
-                             group_sums=group_sums, word_sums=word_sums)
+                             form=form)
     mod, named_params = model.export_tvm(spec=model.get_default_spec())
     return mod, named_params
 

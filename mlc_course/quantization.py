@@ -229,8 +229,10 @@ def te_dequantize(q_weight, q_scale, name: str, out_dtype: str = "float32"):
                       name="dequantize")
 
 
-def te_linear(x, weights, name: str, out_dtype: str, group_sums: bool = False,
-              word_sums: bool = False):
+GEMV_FORMS = ("plain", "group", "word")
+
+
+def te_linear(x, weights, name: str, out_dtype: str, form: str = "plain"):
     """``y = x @ W.T`` with W stored in scheme ``name``: one TE op, dequantize inside the sum.
 
     x is (b, s, K) in the activation dtype; ``weights`` are the scheme's stored arrays
@@ -238,17 +240,20 @@ def te_linear(x, weights, name: str, out_dtype: str, group_sums: bool = False,
     the dequantize sits inside the reduction, TVM's fusion and dlight's GEMV rule see one
     kernel that reads 4-bit words, never a float copy of W.
 
-    ``group_sums`` (symmetric 4-bit schemes only; the GPU decode step) writes the same sum
-    in the form the course's CUDA GEMV schedules: see :func:`te_linear_group_sums`.
-    ``word_sums`` (4-bit schemes, K a multiple of 64; the CPU decode step) writes it in the
-    form the course's CPU GEMV schedules: see :func:`te_linear_word_sums`.
+    ``form`` (one of :data:`GEMV_FORMS`) writes the same sum for a schedule: ``"group"``
+    (symmetric 4-bit schemes; the GPU decode step) in the form the course's CUDA GEMV
+    schedules, :func:`te_linear_group_sums`; ``"word"`` (4-bit schemes, K a multiple of 64;
+    the CPU decode step) in the form the course's CPU GEMV schedules,
+    :func:`te_linear_word_sums`. A weight the form does not fit keeps the plain form.
     """
     from tvm import te
 
+    if form not in GEMV_FORMS:
+        raise ValueError(f"form must be one of {GEMV_FORMS}, got {form!r}")
     scheme = get_scheme(name)
-    if group_sums and scheme.quantized and scheme.symmetric:
+    if form == "group" and scheme.quantized and scheme.symmetric:
         return te_linear_group_sums(x, weights, name, out_dtype)
-    if word_sums and word_sums_fit(x.shape[-1], name):
+    if form == "word" and word_sums_fit(x.shape[-1], name):
         return te_linear_word_sums(x, weights, name, out_dtype)
     elem = te_weight_element(name, *weights)
     b, s, k_dim = x.shape
@@ -429,18 +434,16 @@ def te_linear_word_sums(x, weights, name: str, out_dtype: str, splits: int = WOR
 
 
 def decode_gemv_func(n: int, k: int, scheme: str, act_dtype: str | None = None,
-                     group_sums: bool = False, word_sums: bool = False):
+                     form: str = "plain"):
     """The decode step's linear for an (n, k) weight as a PrimFunc, exactly as the model
     writes it (one TE op, dequantize inside the sum): ``x (1, 1, k) -> y (1, 1, n)``. What
-    notebooks and benchmarks schedule and time on its own (``group_sums``: the GPU form,
-    :func:`te_linear_group_sums`; ``word_sums``: the CPU form, :func:`te_linear_word_sums`)."""
+    notebooks and benchmarks schedule and time on its own (``form``: see :func:`te_linear`)."""
     from tvm import te
 
     act_dtype = act_dtype or get_scheme(scheme).float_dtype
     x = te.placeholder((1, 1, k), act_dtype, name="x")
     w = [te.placeholder(s, d, name=nm) for nm, (s, d) in weight_arrays_shapes(n, k, scheme).items()]
-    return te.create_prim_func([x, *w, te_linear(x, w, scheme, act_dtype, group_sums=group_sums,
-                                                 word_sums=word_sums)])
+    return te.create_prim_func([x, *w, te_linear(x, w, scheme, act_dtype, form=form)])
 
 
 def te_embedding(ids, weights, name: str, out_dtype: str):

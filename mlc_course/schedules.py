@@ -465,7 +465,7 @@ def schedule_gemv_variant(name: str, n: int, k: int, scheme: str, target) -> tir
     variant = next((v for v in CUDA_GEMV_LADDER if v["name"] == name), None)
     if variant is None:
         raise ValueError(f"unknown GEMV variant {name!r}; known: {[v['name'] for v in CUDA_GEMV_LADDER]}")
-    func = decode_gemv_func(n, k, scheme, group_sums=variant["form"] == "group")
+    func = decode_gemv_func(n, k, scheme, form=variant["form"])
     if name == "dlight":
         rules = gpu_rules("dlight")
     elif name == "course_plain":

@@ -37,7 +37,7 @@ def _tiny_fused(gpu_form: bool):
     from mlc_course.config import get_preset
     from mlc_course.model import export
 
-    mod, _ = export(get_preset("tiny"), "q4f16_1", 1, kv="static", gpu=True, group_sums=gpu_form)
+    mod, _ = export(get_preset("tiny"), "q4f16_1", 1, kv="static", gpu=True, form="group" if gpu_form else "plain")
     return run_stages(mod, get_target("cuda"), upto="fuse")
 
 
@@ -189,7 +189,7 @@ def test_course_group_gemv_cuda_code():
     from mlc_course.quantization import MAGIC_F32, decode_gemv_func
     from mlc_course.schedules import cuda_group_gemv_schedule
 
-    sch = cuda_group_gemv_schedule(decode_gemv_func(4096, 11008, "q4f16_1", group_sums=True), rows_per_thread=2)
+    sch = cuda_group_gemv_schedule(decode_gemv_func(4096, 11008, "q4f16_1", form="group"), rows_per_thread=2)
     src = tvm.compile(sch.mod, target=get_target("h100")).mod.imports[0].inspect_source()
     kernel = src[src.index('extern "C" __global__'):]
     assert str(MAGIC_F32) in kernel and "__shfl_down_sync" in kernel

@@ -141,8 +141,8 @@ def test_group_sum_form_matches_the_plain_linear(scheme, k):
     x = np.random.default_rng(6).standard_normal((1, 1, k)).astype(np.float32)
     ref = x[0, 0].astype(np.float64) @ dequantize(qw, qs, scheme).T.astype(np.float64)
     outs = []
-    for group_sums in (False, True):
-        f = decode_gemv_func(n, k, scheme, act_dtype="float32", group_sums=group_sums)
+    for form in ("plain", "group"):
+        f = decode_gemv_func(n, k, scheme, act_dtype="float32", form=form)
         lib = tvm.compile(tvm.IRModule({"main": f}), target=cpu_target())
         y = tvm.runtime.empty((1, 1, n), "float32", tvm.cpu())
         lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(qw), tvm.runtime.tensor(qs), y)
@@ -170,8 +170,8 @@ def test_word_sum_form_matches_the_plain_linear(scheme, n, k):
     x = np.random.default_rng(8).standard_normal((1, 1, k)).astype(act)
     ref = x[0, 0].astype(np.float64) @ dequantize(qw, qs, scheme).T.astype(np.float64)
     outs = []
-    for word_sums in (False, True):
-        f = decode_gemv_func(n, k, scheme, word_sums=word_sums)
+    for form in ("plain", "word"):
+        f = decode_gemv_func(n, k, scheme, form=form)
         lib = tvm.compile(cpu_gemv_schedule(f).mod, target=cpu_target())
         y = tvm.runtime.empty((1, 1, n), act, tvm.cpu())
         lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(qw), tvm.runtime.tensor(qs), y)
@@ -187,13 +187,15 @@ def test_word_sum_form_only_where_it_fits():
     from mlc_course.quantization import decode_gemv_func
     from mlc_course.schedules import has_block
 
-    assert has_block(decode_gemv_func(16, 576, "q4f32_1", word_sums=True), "word_sum")
-    assert not has_block(decode_gemv_func(16, 544, "q4f32_1", word_sums=True), "word_sum")
-    assert not has_block(decode_gemv_func(16, 576, "q0f32", word_sums=True), "word_sum")
+    assert has_block(decode_gemv_func(16, 576, "q4f32_1", form="word"), "word_sum")
+    assert not has_block(decode_gemv_func(16, 544, "q4f32_1", form="word"), "word_sum")
+    assert not has_block(decode_gemv_func(16, 576, "q0f32", form="word"), "word_sum")
+    with pytest.raises(ValueError, match="form must be one of"):
+        decode_gemv_func(16, 576, "q4f32_1", form="words")
 
 
 def test_cpu_pipeline_gives_every_decode_gemv_the_course_schedule():
-    """On the CPU (``build_model`` exports with ``word_sums``) the decode step's 4-bit linears
+    """On the CPU (``build_model`` exports with ``form="word"``) the decode step's 4-bit linears
     are written in the word-sum form and the course's GEMV rule schedules each of them (a rule
     that raises falls through silently to the next one, which would still compute the right
     numbers, slowly). GPU exports keep their forms."""
@@ -209,7 +211,7 @@ def test_cpu_pipeline_gives_every_decode_gemv_the_course_schedule():
     for kw in ({}, {"gpu": True}):
         assert not any(has_block(f, "word_sum") for _, f in export(cfg, "q4f32_1", **kw)[0].functions_items()
                        if isinstance(f, tirx.PrimFunc))
-    mod, _ = export(cfg, "q4f32_1", word_sums=True)
+    mod, _ = export(cfg, "q4f32_1", form="word")
     mod = run_stages(mod, target, upto="fuse")
     word = {gv.name_hint: f for gv, f in mod.functions_items()
             if isinstance(f, tirx.PrimFunc) and has_block(f, "word_sum")}
