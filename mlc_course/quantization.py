@@ -261,9 +261,17 @@ def te_linear(x, weights, name: str, out_dtype: str, form: str = "plain"):
     k = te.reduce_axis((0, k_dim), name="k")
     acc = te.compute((b, s, n), lambda i, t, j: te.sum(x[i, t, k].astype("float32") * elem(j, k), axis=k),
                      name="matmul")
+    return _cast(acc, out_dtype)
+
+
+def _cast(acc, out_dtype: str):
+    """A linear's float32 sum ``(b, s, n)``, cast to the activation dtype (a ``cast`` stage)
+    unless that is float32."""
+    from tvm import te
+
     if out_dtype == "float32":
         return acc
-    return te.compute((b, s, n), lambda i, t, j: acc[i, t, j].astype(out_dtype), name="cast")
+    return te.compute(acc.shape, lambda i, t, j: acc[i, t, j].astype(out_dtype), name="cast")
 
 
 MAGIC_F32 = 0x4B000000  # the bits of 2**23 as a float32
@@ -297,9 +305,7 @@ def te_linear_group_sums(x, weights, name: str, out_dtype: str):
     loop is then a shift, a mask-and-OR, an add and one fused multiply-add (the nibble
     through :func:`te_nibble_minus_7`), not the seven instructions of the plain form: on a
     GPU that is what lets the GEMV keep up with the memory (notebook 06)."""
-    from tvm import te
-
-    from tvm import tirx
+    from tvm import te, tirx
 
     scheme = get_scheme(name)
     q_weight, q_scale = weights
@@ -327,9 +333,7 @@ def te_linear_group_sums(x, weights, name: str, out_dtype: str):
         x[i, t, real(g) * gs + e].astype("float32") * q_minus_7(j, g, e), axis=e), name="group_sum")
     g = te.reduce_axis((0, padded), name="g")
     acc = te.compute((b, s, n), lambda i, t, j: te.sum(gsum[i, t, j, g] * scale(j, g), axis=g), name="matmul")
-    if out_dtype == "float32":
-        return acc
-    return te.compute((b, s, n), lambda i, t, j: acc[i, t, j].astype(out_dtype), name="cast")
+    return _cast(acc, out_dtype)
 
 
 WORDS_PER_CHUNK = 8  # the CPU form's vector: eight consecutive words (64 weights, 2 groups)
@@ -428,9 +432,7 @@ def te_linear_word_sums(x, weights, name: str, out_dtype: str, splits: int = WOR
             return (word_total(i, t, j, rc, rw) * q_scale[j, group(rc, rw), 0].astype(f32)
                     + x_words[i, t, rc, rw] * q_scale[j, group(rc, rw), 1].astype(f32))
     acc = te.compute((b, s, n), lambda i, t, j: te.sum(term(i, t, j), axis=[rc, rw]), name="matmul")
-    if out_dtype == "float32":
-        return acc
-    return te.compute((b, s, n), lambda i, t, j: acc[i, t, j].astype(out_dtype), name="cast")
+    return _cast(acc, out_dtype)
 
 
 def decode_gemv_func(n: int, k: int, scheme: str, act_dtype: str | None = None,

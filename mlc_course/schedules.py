@@ -240,6 +240,18 @@ class CpuParallel(dl.ScheduleRule):
 # ----------------------------------------------------------------------------- CUDA GEMV
 
 
+def _registers_at(sch: s_tir.Schedule, cache, loop) -> None:
+    """Load a ``local`` cache block's data under ``loop``, in vector loads of at most 16
+    bytes (a CUDA thread's widest load) where its innermost extent allows."""
+    sch.compute_at(cache, loop, preserve_unit_loops=True)
+    inner = sch.get_loops(cache)[-1]
+    extent = int(sch.get(inner).extent)
+    lanes = min(extent, max(1, 16 // (tvm.DataType(sch.get(cache).reads[0].source.dtype).bits // 8)))
+    if extent > 1 and extent % lanes == 0:
+        _, vec = sch.split(inner, factors=[None, lanes])
+        sch.vectorize(vec)
+
+
 def cuda_gemv_schedule(func: tirx.PrimFunc, rows_per_block: int = 8, threads_k: int = 32,
                        words_per_thread: int = 4, unroll: int = 4) -> s_tir.Schedule:
     """Schedule a decode-shaped quantized ``matmul`` block (b = s = 1) for CUDA.
@@ -275,15 +287,7 @@ def cuda_gemv_schedule(func: tirx.PrimFunc, rows_per_block: int = 8, threads_k: 
     # vector loads (at most 16 bytes each) of the activations, the packed weights and the
     # group's scale into registers
     for idx in range(len(sch.get(rf).reads)):
-        cache = sch.cache_read(rf, read_buffer_index=idx, storage_scope="local")
-        sch.compute_at(cache, rko, preserve_unit_loops=True)
-        inner = sch.get_loops(cache)[-1]
-        extent = int(sch.get(inner).extent)
-        lanes = max(1, 16 // (tvm.DataType(sch.get(cache).reads[0].source.dtype).bits // 8))
-        lanes = min(lanes, extent)
-        if extent > 1 and extent % lanes == 0:
-            _, vec_loop = sch.split(inner, factors=[None, lanes])
-            sch.vectorize(vec_loop)
+        _registers_at(sch, sch.cache_read(rf, read_buffer_index=idx, storage_scope="local"), rko)
     sch.unroll(rkv)
     sch.decompose_reduction(rf, rko)
     if unroll > 1:
@@ -369,13 +373,7 @@ def cuda_group_gemv_schedule(func: tirx.PrimFunc, rows_per_thread: int = 2, thre
     scale_idx = [i for i, r in enumerate(sch.get(rf).reads) if r.source.name == "q_scale"]
     caches += [sch.cache_read(rf, read_buffer_index=i, storage_scope="local") for i in scale_idx]
     for cache in caches:
-        sch.compute_at(cache, rgo_i, preserve_unit_loops=True)
-        inner = sch.get_loops(cache)[-1]
-        extent = int(sch.get(inner).extent)
-        lanes = min(extent, max(1, 16 // (tvm.DataType(sch.get(cache).reads[0].source.dtype).bits // 8)))
-        if extent > 1 and extent % lanes == 0:
-            _, vec = sch.split(inner, factors=[None, lanes])
-            sch.vectorize(vec)
+        _registers_at(sch, cache, rgo_i)
     sch.decompose_reduction(gsum, sch.get_loops(gsum)[-1])
     sch.unroll(sch.get_loops(gsum)[-1])
     sch.unroll(rr)
