@@ -306,7 +306,7 @@ def build_model(cfg, scheme: str, shards: int = 1, device: str = "cpu", *, targe
         f"(cached afterwards in {path.parent})")
     t0 = time.time()
     # on CPUs the decode step's 4-bit linears in the form the course's CPU GEMV schedules
-    mod, _ = export(cfg, scheme, shards, kv=kv, gpu=is_gpu(target), form="group" if is_gpu(target) else "word")
+    mod, _ = export(cfg, scheme, shards, kv=kv, gpu=is_gpu(target), form="half2" if is_gpu(target) else "word")
     ex = compile_module(mod, target, log)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"model.{os.getpid()}.tmp.so")

@@ -58,7 +58,8 @@ class Linear(QuantizedWeight):
     """``y = x @ W.T`` as one TE op (see :func:`mlc_course.quantization.te_linear`).
 
     ``form``: how a one-token input (the decode step) writes the sum, for its schedule:
-    ``"plain"``, ``"group"`` (the course's CUDA GEMV) or ``"word"`` (the course's CPU GEMV);
+    ``"plain"``, ``"group"`` or ``"half2"`` (the course's CUDA GEMV, float32 or float16 pairs)
+    or ``"word"`` (the course's CPU GEMV);
     see :func:`mlc_course.quantization.te_linear`. Longer inputs (prefill) stay plain."""
 
     def __init__(self, out_features: int, in_features: int, scheme: str, form: str = "plain"):
@@ -600,7 +601,7 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, scheme)
         # the decode GEMVs' form: by default the course's CUDA GEMV's on GPUs; build_model
         # asks for the CPU GEMV's ("word") on CPUs
-        self.form = form or ("group" if gpu else "plain")
+        self.form = form or ("half2" if gpu else "plain")
         kv_opts = {"kv": kv, "gpu": gpu, "static_max_len": static_max_len, "form": self.form}
         self.layers = nn.ModuleList([DecoderLayer(cfg, scheme, shards, self.act_dtype, **kv_opts)
                                      for _ in range(cfg.num_layers)])
@@ -669,7 +670,7 @@ def export(cfg: LlamaConfig, scheme: str, shards: int = 1, kv: str = "dynamic", 
     write is generated for a GPU (thread-bound) or a CPU (a loop); ``static_max_len`` caps
     the cache rows (the context window caps it too). ``form`` writes the decode step's 4-bit
     linears for a schedule (:func:`mlc_course.quantization.te_linear`): by default
-    ``"group"`` (the course's CUDA GEMV) with ``gpu``, else ``"plain"``; dlight's GEMV rule
+    ``"half2"`` (the course's CUDA GEMV) with ``gpu``, else ``"plain"``; dlight's GEMV rule
     wants ``"plain"``; :func:`mlc_course.compile.build_model` asks for ``"word"`` (the
     course's CPU GEMV) on CPU targets."""
     model = LlamaForCausalLM(cfg, scheme, shards, kv=kv, gpu=gpu, static_max_len=static_max_len,

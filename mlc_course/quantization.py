@@ -229,7 +229,7 @@ def te_dequantize(q_weight, q_scale, name: str, out_dtype: str = "float32"):
                       name="dequantize")
 
 
-GEMV_FORMS = ("plain", "group", "word")
+GEMV_FORMS = ("plain", "group", "half2", "word")
 
 
 def te_linear(x, weights, name: str, out_dtype: str, form: str = "plain"):
@@ -241,17 +241,22 @@ def te_linear(x, weights, name: str, out_dtype: str, form: str = "plain"):
     kernel that reads 4-bit words, never a float copy of W.
 
     ``form`` (one of :data:`GEMV_FORMS`) writes the same sum for a schedule: ``"group"``
-    (symmetric 4-bit schemes; the GPU decode step) in the form the course's CUDA GEMV
-    schedules, :func:`te_linear_group_sums`; ``"word"`` (4-bit schemes, K a multiple of 64;
-    the CPU decode step) in the form the course's CPU GEMV schedules,
-    :func:`te_linear_word_sums`. A weight the form does not fit keeps the plain form.
+    (symmetric 4-bit schemes) in the form the course's CUDA GEMV schedules,
+    :func:`te_linear_group_sums`; ``"half2"`` (the same, float16 activations; the GPU
+    decode step) with each group's 32 products in float16 pairs,
+    :func:`te_linear_half2_sums`, falling back to ``"group"`` for float32 activations;
+    ``"word"`` (4-bit schemes, K a multiple of 64; the CPU decode step) in the form the
+    course's CPU GEMV schedules, :func:`te_linear_word_sums`. A weight the form does not
+    fit keeps the plain form.
     """
     from tvm import te
 
     if form not in GEMV_FORMS:
         raise ValueError(f"form must be one of {GEMV_FORMS}, got {form!r}")
     scheme = get_scheme(name)
-    if form == "group" and scheme.quantized and scheme.symmetric:
+    if form == "half2" and half2_sums_fit(x, name):
+        return te_linear_half2_sums(x, weights, name, out_dtype)
+    if form in ("group", "half2") and scheme.quantized and scheme.symmetric:
         return te_linear_group_sums(x, weights, name, out_dtype)
     if form == "word" and word_sums_fit(x.shape[-1], name):
         return te_linear_word_sums(x, weights, name, out_dtype)
@@ -294,6 +299,33 @@ def te_nibble_minus_7(word, shift):
     return tirx.reinterpret("float32", bits) - tirx.const(float(2**23 + 7), "float32")
 
 
+def _padded_groups(groups: int) -> tuple[int, object]:
+    """The GPU forms' group count, padded to a multiple of :data:`GPU_GROUPS_PER_STEP` (a
+    warp shares a row's groups; K = 11008 has 344), and the map from a padded group to the
+    real one it reads (a padded group reads the last real one again, cached, and counts
+    zero)."""
+    from tvm import tirx
+
+    padded = groups if groups % GPU_GROUPS_PER_STEP == 0 or groups < GPU_GROUPS_PER_STEP else \
+        -(-groups // GPU_GROUPS_PER_STEP) * GPU_GROUPS_PER_STEP
+    return padded, (lambda g: g) if padded == groups else (lambda g: tirx.min(g, groups - 1))
+
+
+def _scaled_group_sum(gsum, q_scale, groups: int, padded: int, real, out_dtype: str):
+    """``y[j] = sum_g scale[j, g] * group_sum[j, g]`` over the padded groups (a padded group's
+    scale is zero), cast to the activation dtype."""
+    from tvm import te, tirx
+
+    def scale(j, g):
+        sc = q_scale[j, real(g)].astype("float32")
+        return sc if padded == groups else tirx.if_then_else(g < groups, sc, tirx.const(0.0, "float32"))
+
+    b, s, n, _ = gsum.shape
+    g = te.reduce_axis((0, padded), name="g")
+    acc = te.compute((b, s, n), lambda i, t, j: te.sum(gsum[i, t, j, g] * scale(j, g), axis=g), name="matmul")
+    return _cast(acc, out_dtype)
+
+
 def te_linear_group_sums(x, weights, name: str, out_dtype: str):
     """The symmetric 4-bit linear with the scale taken out of the inner sum:
 
@@ -305,6 +337,108 @@ def te_linear_group_sums(x, weights, name: str, out_dtype: str):
     loop is then a shift, a mask-and-OR, an add and one fused multiply-add (the nibble
     through :func:`te_nibble_minus_7`), not the seven instructions of the plain form: on a
     GPU that is what lets the GEMV keep up with the memory (notebook 06)."""
+    from tvm import te
+
+    scheme = get_scheme(name)
+    q_weight, q_scale = weights
+    b, s, k_dim = x.shape
+    n = q_weight.shape[0]
+    gs = scheme.group_size
+    words_per_group = gs // ELEMS_PER_WORD
+    groups = int(k_dim) // gs
+    padded, real = _padded_groups(groups)
+    e = te.reduce_axis((0, gs), name="e")
+
+    def q_minus_7(j, g, el):
+        word = q_weight[j, real(g) * words_per_group + el // ELEMS_PER_WORD]
+        return te_nibble_minus_7(word, (el % ELEMS_PER_WORD * 4).astype("uint32"))
+
+    gsum = te.compute((b, s, n, padded), lambda i, t, j, g: te.sum(
+        x[i, t, real(g) * gs + e].astype("float32") * q_minus_7(j, g, e), axis=e), name="group_sum")
+    return _scaled_group_sum(gsum, q_scale, groups, padded, real, out_dtype)
+
+
+#: The CUDA device function behind the ``half2`` form (:func:`te_linear_half2_sums`): one
+#: group's 32 products, two weights per instruction. Each pair of nibbles (q_j, q_j+4) of a
+#: word is masked and OR-ed into the mantissas of two float16 1024s with one LOP3 (bits
+#: 0x64006400): the half2 (1024 + q_j, 1024 + q_j+4) for the low nibble of each byte, or
+#: (1024 + 16 q_j, ...) for the high one; one HSUB2 (or one HFMA2 by 1/16) leaves q - 7,
+#: exactly; one HFMA2 multiplies it by the activations (x_j, x_j+4), paired by a PRMT.
+#: Products are summed in float16 pairs, 8 per pair and accumulator, then in float32.
+#: The scheduler attaches the source to each kernel that calls it (``pragma_import_c``).
+HALF2_DOT = "course_q4_dot32"
+HALF2_DOT_SOURCE = r"""
+#ifndef COURSE_Q4_DOT32
+#define COURSE_Q4_DOT32
+#include <cuda_fp16.h>
+// d = (a & mask) | bits in one instruction (nvcc emits two LOP3s when both are constants)
+#ifdef __CUDA_ARCH__
+#define COURSE_LOP3_AND_OR(d, a, mask, bits) \
+  asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(d) : "r"(a), "n"(mask), "n"(bits))
+#else
+#define COURSE_LOP3_AND_OR(d, a, mask, bits) ((d) = ((a) & (mask)) | (bits))
+#endif
+// sum_{e < 32} x[e] * (q[e] - 7) for the 32 nibbles q of words w0..w3 (nibble e of word e / 8
+// at bits 4 (e % 8)): the course's half2 decode GEMV (mlc_course.quantization)
+__host__ __device__ __forceinline__ float course_q4_dot32(
+    unsigned int w0, unsigned int w1, unsigned int w2, unsigned int w3,
+    __half x0, __half x1, __half x2, __half x3, __half x4, __half x5, __half x6, __half x7,
+    __half x8, __half x9, __half x10, __half x11, __half x12, __half x13, __half x14, __half x15,
+    __half x16, __half x17, __half x18, __half x19, __half x20, __half x21, __half x22, __half x23,
+    __half x24, __half x25, __half x26, __half x27, __half x28, __half x29, __half x30, __half x31) {
+  const __half xs[32] = {x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15,
+                         x16, x17, x18, x19, x20, x21, x22, x23, x24, x25, x26, x27, x28, x29, x30, x31};
+  const unsigned int ws[4] = {w0, w1, w2, w3};
+  const __half2 lo_sub = __half2half2(__ushort_as_half((unsigned short)0x6407));  // 1031 = 1024 + 7
+  const __half2 hi_mul = __half2half2(__ushort_as_half((unsigned short)0x2C00));  // 1/16
+  const __half2 hi_add = __half2half2(__ushort_as_half((unsigned short)0xD470));  // -71 = -(1024/16 + 7)
+  __half2 acc[2] = {__float2half2_rn(0.f), __float2half2_rn(0.f)};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    unsigned int d[4];
+    COURSE_LOP3_AND_OR(d[0], ws[i], 0x000F000Fu, 0x64006400u);       // 1024 + (q0, q4)
+    COURSE_LOP3_AND_OR(d[1], ws[i], 0x00F000F0u, 0x64006400u);       // 1024 + 16 (q1, q5)
+    COURSE_LOP3_AND_OR(d[2], ws[i] >> 8, 0x000F000Fu, 0x64006400u);  // 1024 + (q2, q6)
+    COURSE_LOP3_AND_OR(d[3], ws[i] >> 8, 0x00F000F0u, 0x64006400u);  // 1024 + 16 (q3, q7)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      __half2 h = *reinterpret_cast<__half2*>(&d[j]);
+      // operators rather than __hfma2 (device only) so that tests can run this on the host;
+      // nvcc contracts each multiply-add into one HFMA2
+      __half2 q = (j % 2 == 0) ? h - lo_sub : h * hi_mul + hi_add;  // q - 7, exact
+      acc[i / 2] = q * __halves2half2(xs[8 * i + j], xs[8 * i + j + 4]) + acc[i / 2];
+    }
+  }
+  const float2 a = __half22float2(acc[0]), b = __half22float2(acc[1]);
+  return (a.x + a.y) + (b.x + b.y);
+}
+#endif
+"""
+
+
+def half2_sums_fit(x, name: str) -> bool:
+    """Whether a linear can take the ``half2`` form: a symmetric 4-bit scheme with groups of
+    32 and float16 activations."""
+    scheme = get_scheme(name)
+    return (scheme.quantized and scheme.symmetric and scheme.group_size == 32
+            and str(x.dtype) == "float16")
+
+
+def te_linear_half2_sums(x, weights, name: str, out_dtype: str):
+    """The group-sum form (:func:`te_linear_group_sums`) with each group's 32 products
+    computed two at a time in float16 pairs, by the CUDA device function
+    :data:`HALF2_DOT_SOURCE` (``group_sum`` calls it with the group's 4 words and 32
+    activations; CUDA targets only).
+
+    Why: the float32 group-sum form still spends about five instructions per weight (a
+    shift, a LEA, a float add, a fused multiply-add, a share of the activation's conversion),
+    so the GPU's instruction issue, not its memory, set the GEMV's speed. In float16 pairs
+    it is about two: a LOP3 makes two weights' float16 values from their nibbles, an HSUB2
+    or HFMA2 removes the offset, an HFMA2 multiplies-adds both. The products of a group are
+    summed in float16 (8 per accumulator lane, then in float32): the same precision the
+    activations are stored in, and no float16 overflow unless |x| reaches about 1000 across
+    a group. Not bit-identical to the float32 form; tests and the GPU runs compare it within
+    float16 tolerance."""
     from tvm import te, tirx
 
     scheme = get_scheme(name)
@@ -314,26 +448,15 @@ def te_linear_group_sums(x, weights, name: str, out_dtype: str):
     gs = scheme.group_size
     words_per_group = gs // ELEMS_PER_WORD
     groups = int(k_dim) // gs
-    # a warp shares a row's groups: pad their count to a multiple of 32 (K = 11008 has 344);
-    # a padded group reads the last real one again (cached) and counts zero
-    padded = groups if groups % GPU_GROUPS_PER_STEP == 0 or groups < GPU_GROUPS_PER_STEP else \
-        -(-groups // GPU_GROUPS_PER_STEP) * GPU_GROUPS_PER_STEP
-    real = (lambda g: g) if padded == groups else (lambda g: tirx.min(g, groups - 1))
-    e = te.reduce_axis((0, gs), name="e")
+    padded, real = _padded_groups(groups)
 
-    def q_minus_7(j, g, el):
-        word = q_weight[j, real(g) * words_per_group + el // ELEMS_PER_WORD]
-        return te_nibble_minus_7(word, (el % ELEMS_PER_WORD * 4).astype("uint32"))
+    def group_dot(i, t, j, g):
+        words = [q_weight[j, real(g) * words_per_group + w] for w in range(words_per_group)]
+        acts = [x[i, t, real(g) * gs + e] for e in range(gs)]
+        return tirx.call_pure_extern("float32", HALF2_DOT, *words, *acts)
 
-    def scale(j, g):
-        sc = q_scale[j, real(g)].astype("float32")
-        return sc if padded == groups else tirx.if_then_else(g < groups, sc, tirx.const(0.0, "float32"))
-
-    gsum = te.compute((b, s, n, padded), lambda i, t, j, g: te.sum(
-        x[i, t, real(g) * gs + e].astype("float32") * q_minus_7(j, g, e), axis=e), name="group_sum")
-    g = te.reduce_axis((0, padded), name="g")
-    acc = te.compute((b, s, n), lambda i, t, j: te.sum(gsum[i, t, j, g] * scale(j, g), axis=g), name="matmul")
-    return _cast(acc, out_dtype)
+    gsum = te.compute((b, s, n, padded), group_dot, name="group_sum")
+    return _scaled_group_sum(gsum, q_scale, groups, padded, real, out_dtype)
 
 
 WORDS_PER_CHUNK = 8  # the CPU form's vector: eight consecutive words (64 weights, 2 groups)

@@ -26,6 +26,8 @@ import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
 
+from .quantization import HALF2_DOT_SOURCE
+
 
 def has_block(func: tirx.PrimFunc, name: str) -> bool:
     """Whether ``func`` has a block called ``name`` (TE op names survive fusion)."""
@@ -339,7 +341,9 @@ def cuda_group_gemv_schedule(func: tirx.PrimFunc, rows_per_thread: int = 2, thre
     * each thread owns ``rows_per_thread`` rows: the 32 activations, loaded and converted
       to float32 once, serve all of them, and the rows' loads are in flight together;
     * the group's sum is a register (``group_sum`` computed where it is used), multiplied
-      by its scale once per group, not once per weight;
+      by its scale once per group, not once per weight; in the ``half2`` form it is one call
+      of the course's CUDA device function, whose source the schedule attaches to the
+      kernel (``pragma_import_c`` on the thread loop: TVM prints it ahead of the kernel);
     * the per-thread partial sums are added across threadIdx.x with warp shuffles, and the
       epilogue (cast, residual add) follows the row.
     """
@@ -374,8 +378,11 @@ def cuda_group_gemv_schedule(func: tirx.PrimFunc, rows_per_thread: int = 2, thre
     caches += [sch.cache_read(rf, read_buffer_index=i, storage_scope="local") for i in scale_idx]
     for cache in caches:
         _registers_at(sch, cache, rgo_i)
-    sch.decompose_reduction(gsum, sch.get_loops(gsum)[-1])
-    sch.unroll(sch.get_loops(gsum)[-1])
+    if len(sch.get(gsum).iter_vars) > 4:  # the group's 32 products as a reduction in TIR
+        sch.decompose_reduction(gsum, sch.get_loops(gsum)[-1])
+        sch.unroll(sch.get_loops(gsum)[-1])
+    else:  # the half2 form: one call of the course's device function per group and row
+        sch.annotate(rtx, "pragma_import_c", HALF2_DOT_SOURCE)
     sch.unroll(rr)
     sch.unroll(rgo_i)
     sch.decompose_reduction(rf, rgo_o)
@@ -449,7 +456,9 @@ CUDA_GEMV_LADDER = [
      "description": "+ two rows per thread (activations loaded once for both)"},
     {"name": "group_r4", "form": "group", "params": {"rows_per_thread": 4},
      "description": "four rows per thread (more registers, fewer threads: slower)"},
-    {"name": "course", "form": "group", "params": {},
+    {"name": "half2", "form": "half2", "params": {"rows_per_thread": 2},
+     "description": "float16 pairs: two weights per LOP3 and HFMA2 (the course's device function)"},
+    {"name": "course", "form": "half2", "params": {},
      "description": "the course's schedule as the model uses it (CudaGEMV defaults)"},
 ]
 

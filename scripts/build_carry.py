@@ -175,7 +175,7 @@ def build_libraries(out: Path, models: list[str], device: str, log) -> dict:
         cfg = get_preset(name)
         lib = (f"{name}-{scheme}-{arch}{'-static' if static else ''}{'-graph' if graph else ''}"
                f"{'-dlight' if gemv == 'dlight' else ''}{f'-tp{shards}' if shards > 1 else ''}.so")
-        mod, named = export(cfg, scheme, shards, kv=kv, gpu=True, form="group" if gemv == "course" else "plain")
+        mod, named = export(cfg, scheme, shards, kv=kv, gpu=True, form="half2" if gemv == "course" else "plain")
         key = {"source": _source_digest(), "arch": arch}
         if (out / "lib" / lib).exists() and old.get(lib, {}).get("key") == key:
             log(f"{lib}: up to date")

@@ -219,3 +219,62 @@ def test_cpu_pipeline_gives_every_decode_gemv_the_course_schedule():
     with target:
         taken = {name for name, f in word.items() if CpuGEMV().apply(f, target, False) is not None}
     assert taken == set(word), sorted(set(word) - taken)
+
+
+def test_half2_device_function_matches_float64(tmp_path):
+    """The half2 form's CUDA device function (float16 pairs from nibbles by LOP3 and magic
+    numbers), compiled by nvcc for the host, against float64: within float16 rounding."""
+    import shutil
+    import subprocess
+
+    from mlc_course.quantization import HALF2_DOT, HALF2_DOT_SOURCE
+
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc is not installed (the course's machines have it: see README)")
+    xs = ", ".join(f"x[{e}]" for e in range(32))
+    harness = HALF2_DOT_SOURCE + f"""
+#include <cstdio>
+int main() {{
+  unsigned int w[4];
+  while (scanf("%u %u %u %u", &w[0], &w[1], &w[2], &w[3]) == 4) {{
+    __half x[32];
+    for (int e = 0; e < 32; ++e) {{ unsigned short b; scanf("%hu", &b); x[e] = __ushort_as_half(b); }}
+    printf("%.9g\\n", {HALF2_DOT}(w[0], w[1], w[2], w[3], {xs}));
+  }}
+}}
+"""
+    (tmp_path / "h.cu").write_text(harness)
+    r = subprocess.run(["nvcc", "-o", str(tmp_path / "h"), str(tmp_path / "h.cu")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rng = np.random.default_rng(0)
+    rows = 500
+    words = rng.integers(0, 2**32, (rows, 4), dtype=np.uint64).astype(np.uint32)
+    words[0] = 0  # every nibble 0: q - 7 = -7
+    words[1] = 0xFFFFFFFF  # every nibble 15: q - 7 = 8
+    x = (rng.standard_normal((rows, 32)) * rng.choice([0.01, 1.0, 30.0], (rows, 1))).astype(np.float16)
+    lines = [" ".join(map(str, w)) + " " + " ".join(map(str, xx.view(np.uint16))) for w, xx in zip(words, x)]
+    out = subprocess.run([str(tmp_path / "h")], input="\n".join(lines), capture_output=True, text=True, check=True)
+    got = np.array(out.stdout.split(), dtype=np.float64)
+    q = ((words[:, :, None] >> (4 * np.arange(8, dtype=np.uint32))) & 15).reshape(rows, 32).astype(np.float64) - 7
+    ref = (q * x.astype(np.float64)).sum(1)
+    scale = (np.abs(q) * np.abs(x.astype(np.float64))).sum(1)  # what float16 rounding is relative to
+    assert got.shape == (rows,)
+    assert np.all(np.abs(got - ref) <= 2e-3 * scale), np.max(np.abs(got - ref) / scale)
+    assert np.abs(got[:2] - ref[:2]).max() <= 2e-3 * scale[:2].max()
+
+
+def test_half2_form_needs_float16_activations():
+    """The half2 form calls a CUDA device function on float16 pairs; float32 activations (or
+    an asymmetric scheme) get the float32 group-sum form, or the plain one."""
+    from tvm import te
+
+    from mlc_course.quantization import HALF2_DOT, te_linear, weight_arrays_shapes
+
+    def body(scheme, act):
+        x = te.placeholder((1, 1, 256), act, name="x")
+        w = [te.placeholder(s, d, name=nm) for nm, (s, d) in weight_arrays_shapes(64, 256, scheme).items()]
+        return str(te.create_prim_func([x, *w, te_linear(x, w, scheme, act, form="half2")]))
+
+    assert HALF2_DOT in body("q4f16_1", "float16")
+    assert HALF2_DOT not in body("q4f32_1", "float32") and "group_sum" in body("q4f32_1", "float32")
+    assert HALF2_DOT not in body("q4f16_asym", "float16") and "group_sum" not in body("q4f16_asym", "float16")
