@@ -230,15 +230,35 @@ def pipeline(target, log=None, cuda_graph: bool = False, gemv: str = "course"):
     return _pipeline
 
 
-def compile_module(mod, target, log=None, cuda_graph: bool = False, gemv: str = "course"):
-    """Compile a Relax IRModule with the course pipeline; returns the VM executable."""
+def compile_module(mod, target, log=None, cuda_graph: bool = False, gemv: str = "course",
+                   pdl: bool = True):
+    """Compile a Relax IRModule with the course pipeline; returns the VM executable.
+
+    CUDA kernels get the course's device pass (:mod:`mlc_course.cuda_device`): the device
+    functions they call and, with ``pdl`` on sm_90+, programmatic dependent launch."""
     import tvm
 
+    from .cuda_device import tir_pipeline
+
     t0 = time.time()
-    ex = tvm.compile(mod, target=target, relax_pipeline=pipeline(target, log, cuda_graph, gemv))
+    ex = tvm.compile(mod, target=target, relax_pipeline=pipeline(target, log, cuda_graph, gemv),
+                     tir_pipeline=tir_pipeline(target, pdl))
     if log:
         log(f"  codegen + link {time.time() - t0:6.1f} s in all")
     return ex
+
+
+def compile_kernels(mod, target, pdl: bool = False):
+    """Compile TIR functions alone (a GEMV to time, a kernel to read): ``tvm.compile`` with
+    the course's TIR pipeline for ``target``, so that CUDA kernels get the device functions
+    they call (:mod:`mlc_course.cuda_device`)."""
+    import tvm
+
+    from .cuda_device import tir_pipeline
+
+    if not isinstance(mod, tvm.IRModule):
+        mod = tvm.IRModule({"main": mod})
+    return tvm.compile(mod, target=target, tir_pipeline=tir_pipeline(target, pdl))
 
 
 # -------------------------------------------------------------------------------- cache

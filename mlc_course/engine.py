@@ -156,6 +156,26 @@ class LocalRunner:
         self.effects = out[1]
         return out[0].numpy().reshape(-1)
 
+    def can_greedy(self) -> bool:
+        """Whether greedy tokens can come from the device (:meth:`greedy`): a CUDA-graph
+        runner whose library has ``greedy_next``."""
+        if not (self.graph and self.kv == "static"):
+            return False
+        try:
+            self.vm["greedy_next"]
+            return True
+        except Exception:  # noqa: BLE001  (a library built before greedy_next existed)
+            return False
+
+    def greedy(self, token: int, pos: int, count: int):
+        """``count`` greedy tokens from the device, the first after appending ``token`` at
+        ``pos`` (:meth:`mlc_course.cuda_graph.CudaGraphDecoder.greedy`)."""
+        if self.decoder is None:
+            from .cuda_graph import CudaGraphDecoder
+
+            self.decoder = CudaGraphDecoder(self.vm, self.dev, self.params, self.effects)
+        return self.decoder.greedy(token, pos, count)
+
     def close(self) -> None:
         if self.decoder is not None:
             self.decoder.close()
@@ -469,15 +489,33 @@ class Engine:
         t0 = time.perf_counter()
         logits = self.prefill(prompt_ids)
         res.prefill_s = time.perf_counter() - t0
+        # greedy on a CUDA graph: the tokens come from the device, the host only reads them
+        on_device = temperature == 0 and getattr(self.runner, "can_greedy", lambda: False)()
+        tokens = None
         t1 = time.perf_counter()
-        for i in range(max_new_tokens):
-            tok = sample(logits, temperature, top_p, rng)
-            res.output_ids.append(tok)
-            yield tok
-            if tok in stop_ids or i + 1 == max_new_tokens or self.seq_len >= self.kv_capacity:
-                break
-            logits = self.decode(tok)
-            res.decode_s = time.perf_counter() - t1
+        try:
+            for i in range(max_new_tokens):
+                if tokens is None:
+                    tok = sample(logits, temperature, top_p, rng)
+                else:
+                    tok = next(tokens)
+                    res.decode_s = time.perf_counter() - t1
+                res.output_ids.append(tok)
+                yield tok
+                if tok in stop_ids or i + 1 == max_new_tokens or self.seq_len >= self.kv_capacity:
+                    break
+                if on_device:
+                    if tokens is None:
+                        left = min(max_new_tokens - i - 1, self.kv_capacity - self.seq_len)
+                        tokens = self.runner.greedy(tok, self.seq_len, left)
+                    self._check_room(1)
+                    self.seq_len += 1
+                else:
+                    logits = self.decode(tok)
+                    res.decode_s = time.perf_counter() - t1
+        finally:
+            if tokens is not None:
+                tokens.close()
         # the last yielded token's decode is not timed: decode_s covers len(output)-1 steps
 
     def generate(self, prompt_ids: list[int], **kw) -> GenerationResult:

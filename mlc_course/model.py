@@ -257,12 +257,20 @@ def kv_write_func(max_len: int, num_kv_heads: int, head_dim: int, dtype: str, gp
     return func.with_attrs({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
 
 
-def decode_attention_chunks(max_len: int, num_q_heads: int) -> int:
-    """How many chunks of cache rows the GPU decode attention splits each head into: enough
-    blocks (heads x chunks) to occupy a large GPU's ~130 SMs, chunks of at least 64 rows."""
-    chunks = 1
-    while num_q_heads * chunks < 256 and max_len // (chunks * 2) >= 64:
-        chunks *= 2
+#: Cache rows per block of the GPU decode attention. Short chunks: a block's work is one
+#: round trip to memory for its rows, and the blocks of chunks wholly past the position
+#: return at once, so the kernel's time follows the context, not the cache's length.
+DECODE_ATTENTION_CHUNK_ROWS = 32
+
+
+def decode_attention_chunks(max_len: int, num_q_heads: int, rows: int | None = None) -> int:
+    """How many chunks of cache rows the GPU decode attention splits each head into: chunks
+    of ``rows`` (:data:`DECODE_ATTENTION_CHUNK_ROWS`) rows where the cache's length splits
+    into them, else the fewest chunks of at least ``rows`` rows that split it evenly."""
+    rows = rows or DECODE_ATTENTION_CHUNK_ROWS
+    chunks = max(1, max_len // rows)
+    while chunks > 1 and max_len % chunks:
+        chunks -= 1
     return chunks
 
 
@@ -277,16 +285,18 @@ def decode_attention_funcs(max_len: int, num_q_heads: int, num_kv_heads: int, he
 
     1. compute one score per row of the chunk into shared memory: a team of ``head_dim / 4``
        threads reads a key row in one coalesced access, four dimensions each; each thread
-       loads all of its team's rows first, then the team adds the products of every row with
-       warp shuffles; and the block's maximum ``m`` (a tree in shared memory);
+       loads all of its team's key rows *and value rows* first (one round trip to memory
+       for the block), then the team adds the products of every row with warp shuffles; and
+       the block's maximum ``m`` (a tree in shared memory);
     2. ``p = exp(score - m)`` per row, and the block's sum ``l`` of them;
-    3. ``o = sum p v`` over the chunk's value rows, the rows split over groups of threads
-       and the head's dimensions over the threads of a group (four each), the groups'
-       partial sums added through shared memory;
+    3. ``o = sum p v`` over the chunk's value rows (already in registers), the rows split
+       over groups of threads and the head's dimensions over the threads of a group (four
+       each), the groups' partial sums added through shared memory;
 
-    and writes ``o``, ``m`` and ``l``. ``combine`` (a block per head) rescales the chunks to
-    their common maximum: ``out = sum_c e^(m_c - M) o_c / sum_c e^(m_c - M) l_c``. Rows past
-    the position are never loaded; a chunk wholly past it has ``l = 0`` and weighs nothing.
+    and writes ``o``, ``m`` and ``l``; a block whose chunk lies wholly past the position does
+    nothing. ``combine`` (a block per head) rescales the chunks up to the position to their
+    common maximum: ``out = sum_c e^(m_c - M) o_c / sum_c e^(m_c - M) l_c``. Rows past the
+    position are never loaded.
 
     This replaces three kernels (the TE scores, softmax and output of
     :func:`_te_attention_scores` / :func:`_te_attention_output`, which prefill and the CPU
@@ -328,101 +338,166 @@ def decode_attention_funcs(max_len: int, num_q_heads: int, num_kv_heads: int, he
             dots = T.alloc_buffer((rows3,), "float32", scope="local")
             acc = T.alloc_buffer((1,), "float32", scope="local")
             val = T.alloc_buffer((1,), "float32", scope="local")
+            kr = T.alloc_buffer((rows3, lanes), dtype, scope="local")
+            vr = T.alloc_buffer((rows3, lanes), dtype, scope="local")
             h = b // C
             j0 = b % C * Lc
             n = pos[0] + 1
             kvh = h // group
-            # 1. scores and their maximum. A team of dl_n threads reads a key row in one
-            #    coalesced access (four dimensions each): every team's rows are loaded first
-            #    (no branch: a row past the position reads the position's row again), then
-            #    the teams add their products for all rows with warp shuffles.
-            for e in T.vectorized(lanes):
-                qv[e] = T.Cast("float32", heads[0, h, tx % dl_n * lanes + e])
-            for i in T.unroll(rows3):
+            # the chunk's work, done once if it holds a row up to the position (a loop, not an
+            # if: TVM inserts no barriers inside a condition); combine reads no other chunk
+            for _live in range(T.Cast("int32", j0 < n)):
+                # 1. scores and their maximum. A team of dl_n threads reads a key row in one
+                #    coalesced access (four dimensions each): every team's key and value rows
+                #    are loaded first (no branch: a row past the position reads the position's
+                #    row again, cached), then the teams add their products for all rows with
+                #    warp shuffles.
                 for e in T.vectorized(lanes):
-                    part[e] = qv[e] * T.Cast("float32", kc[T.min(j0 + tx // dl_n + i * jg_n, n - 1), kvh,
-                                                            tx % dl_n * lanes + e])
-                dots[i] = part[0] + part[1] + part[2] + part[3]
-            for st in T.unroll(team_steps):
+                    qv[e] = T.Cast("float32", heads[0, h, tx % dl_n * lanes + e])
                 for i in T.unroll(rows3):
-                    dots[i] = dots[i] + T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), dots[i], 1 << st, dl_n, 32)
-            acc[0] = T.float32(neg)
-            for i in T.unroll(rows3):
-                r = tx // dl_n + i * jg_n
-                if j0 + r < n:
-                    acc[0] = T.max(acc[0], dots[i] * T.float32(scale))
-                    if tx % dl_n == 0:
-                        score[r] = dots[i] * T.float32(scale)
-            for st in T.unroll(5):  # the block's maximum: within each warp, then across warps
-                acc[0] = T.max(acc[0], T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), acc[0], 1 << st, 32, 32))
-            if tx % 32 == 0:
-                red[tx // 32] = acc[0]
-            T.tvm_storage_sync("shared")
-            for w in T.unroll(warps):
-                acc[0] = T.max(acc[0], red[w])
-            T.tvm_storage_sync("shared")
-            # 2. p = exp(score - m) and their sum l (p = 0 for rows past the position)
-            for i in T.unroll(rows1):
-                r = tx + i * threads
-                if r < Lc:
-                    prob[r] = T.if_then_else(j0 + r < n, T.exp(score[r] - acc[0]), T.float32(0))
-            if tx == 0:
-                ml[h, b % C, 0] = acc[0]
-            acc[0] = T.float32(0)
-            for i in T.unroll(rows1):
-                r = tx + i * threads
-                if r < Lc and j0 + r < n:
-                    acc[0] = acc[0] + prob[r]
-            T.tvm_storage_sync("shared")
-            for st in T.unroll(5):  # the block's sum, the same way
-                acc[0] = acc[0] + T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), acc[0], 1 << st, 32, 32)
-            if tx % 32 == 0:
-                red[tx // 32] = acc[0]
-            T.tvm_storage_sync("shared")
-            val[0] = T.float32(0)
-            for w in T.unroll(warps):
-                val[0] = val[0] + red[w]
-            # 3. o = sum p v over the chunk's rows, summed over the row groups. No branch around
-            #    the loads (they are all issued at once): a row past the position reads the
-            #    position's row again (cached) with p = 0.
-            for e in T.vectorized(lanes):
-                part[e] = T.float32(0)
-            for i in T.unroll(rows3):
-                r = tx // dl_n + i * jg_n
-                for e in T.vectorized(lanes):
-                    part[e] = part[e] + prob[r] * T.Cast("float32", vc[T.min(j0 + r, n - 1), kvh, tx % dl_n * lanes + e])
-            for e in T.vectorized(lanes):
-                red4[tx // dl_n, tx % dl_n * lanes + e] = part[e]
-            T.tvm_storage_sync("shared")
-            if tx < d:
+                    for e in T.vectorized(lanes):
+                        kr[i, e] = kc[T.min(j0 + tx // dl_n + i * jg_n, n - 1), kvh, tx % dl_n * lanes + e]
+                    for e in T.vectorized(lanes):
+                        vr[i, e] = vc[T.min(j0 + tx // dl_n + i * jg_n, n - 1), kvh, tx % dl_n * lanes + e]
+                for i in T.unroll(rows3):
+                    for e in T.vectorized(lanes):
+                        part[e] = qv[e] * T.Cast("float32", kr[i, e])
+                    dots[i] = part[0] + part[1] + part[2] + part[3]
+                for st in T.unroll(team_steps):
+                    for i in T.unroll(rows3):
+                        dots[i] = dots[i] + T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), dots[i], 1 << st, dl_n, 32)
+                acc[0] = T.float32(neg)
+                for i in T.unroll(rows3):
+                    r = tx // dl_n + i * jg_n
+                    if j0 + r < n:
+                        acc[0] = T.max(acc[0], dots[i] * T.float32(scale))
+                        if tx % dl_n == 0:
+                            score[r] = dots[i] * T.float32(scale)
+                for st in T.unroll(5):  # the block's maximum: within each warp, then across warps
+                    acc[0] = T.max(acc[0], T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), acc[0], 1 << st, 32, 32))
+                if tx % 32 == 0:
+                    red[tx // 32] = acc[0]
+                T.tvm_storage_sync("shared")
+                for w in T.unroll(warps):
+                    acc[0] = T.max(acc[0], red[w])
+                T.tvm_storage_sync("shared")
+                # 2. p = exp(score - m) and their sum l (p = 0 for rows past the position)
+                for i in T.unroll(rows1):
+                    r = tx + i * threads
+                    if r < Lc:
+                        prob[r] = T.if_then_else(j0 + r < n, T.exp(score[r] - acc[0]), T.float32(0))
+                if tx == 0:
+                    ml[h, b % C, 0] = acc[0]
                 acc[0] = T.float32(0)
-                for g in T.unroll(jg_n):
-                    acc[0] = acc[0] + red4[g, tx]
-                o_part[h, b % C, tx] = acc[0]
-            if tx == 0:
-                ml[h, b % C, 1] = val[0]
+                for i in T.unroll(rows1):
+                    r = tx + i * threads
+                    if r < Lc and j0 + r < n:
+                        acc[0] = acc[0] + prob[r]
+                T.tvm_storage_sync("shared")
+                for st in T.unroll(5):  # the block's sum, the same way
+                    acc[0] = acc[0] + T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), acc[0], 1 << st, 32, 32)
+                if tx % 32 == 0:
+                    red[tx // 32] = acc[0]
+                T.tvm_storage_sync("shared")
+                val[0] = T.float32(0)
+                for w in T.unroll(warps):
+                    val[0] = val[0] + red[w]
+                # 3. o = sum p v over the chunk's rows (their values loaded in step 1; a row
+                #    past the position has p = 0), summed over the row groups.
+                for e in T.vectorized(lanes):
+                    part[e] = T.float32(0)
+                for i in T.unroll(rows3):
+                    r = tx // dl_n + i * jg_n
+                    for e in T.vectorized(lanes):
+                        part[e] = part[e] + prob[r] * T.Cast("float32", vr[i, e])
+                for e in T.vectorized(lanes):
+                    red4[tx // dl_n, tx % dl_n * lanes + e] = part[e]
+                T.tvm_storage_sync("shared")
+                if tx < d:
+                    acc[0] = T.float32(0)
+                    for g in T.unroll(jg_n):
+                        acc[0] = acc[0] + red4[g, tx]
+                    o_part[h, b % C, tx] = acc[0]
+                if tx == 0:
+                    ml[h, b % C, 1] = val[0]
 
     @T.prim_func(private=True)
     def combine(o_part: T.Buffer((hq, C, d), "float32"), ml: T.Buffer((hq, C, 2), "float32"),
-                out: T.Buffer((1, hq, d), dtype)):
+                pos: T.Buffer((1,), "int32"), out: T.Buffer((1, hq, d), dtype)):
         T.func_attr({"tirx.noalias": True})
         with T.launch_thread("blockIdx.x", hq) as h:
             tx = T.launch_thread("threadIdx.x", d)
             m = T.alloc_buffer((1,), "float32", scope="local")
             num = T.alloc_buffer((1,), "float32", scope="local")
             den = T.alloc_buffer((1,), "float32", scope="local")
+            live = pos[0] // Lc + 1  # the chunks holding rows 0 .. pos
+            # unrolled with a predicate: the live chunks' loads are all in flight at once
             m[0] = T.float32(neg)
             for c in T.unroll(C):
-                m[0] = T.max(m[0], ml[h, c, 0])
+                if c < live:
+                    m[0] = T.max(m[0], ml[h, c, 0])
             num[0] = T.float32(0)
             den[0] = T.float32(0)
             for c in T.unroll(C):
-                num[0] = num[0] + T.exp(ml[h, c, 0] - m[0]) * o_part[h, c, tx]
-                den[0] = den[0] + T.exp(ml[h, c, 0] - m[0]) * ml[h, c, 1]
+                if c < live:
+                    num[0] = num[0] + T.exp(ml[h, c, 0] - m[0]) * o_part[h, c, tx]
+                    den[0] = den[0] + T.exp(ml[h, c, 0] - m[0]) * ml[h, c, 1]
             out[0, h, tx] = T.Cast(dtype, num[0] / den[0])
 
     attrs = {"tirx.is_scheduled": True, "op_pattern": 8}
     return partial.with_attrs(attrs), combine.with_attrs(attrs), C
+
+
+def greedy_next_func(vocab: int, threads: int = 1024) -> tirx.PrimFunc:
+    """The greedy step on the GPU: ``ids[0, 0] = argmax(logits)`` (the first index of the
+    largest, like ``numpy.argmax``) and ``pos[0] += 1``, in place: one block whose threads
+    scan the logits in coalesced strides (all loads in flight at once), then reduce
+    (value, index) pairs with warp shuffles, twice. Captured in the decode step's CUDA graph
+    after the step itself, it feeds the next replay without the host: the host reads four
+    bytes per token instead of the logits (:class:`mlc_course.cuda_graph.CudaGraphDecoder`)."""
+    from tvm.script import tirx as T
+
+    per = -(-vocab // threads)
+    warps = threads // 32
+
+    @T.prim_func(private=True)
+    def greedy_next(logits: T.Buffer((1, 1, vocab), "float32"), ids: T.Buffer((1, 1), "int32"),
+                    pos: T.Buffer((1,), "int32")):
+        T.func_attr({"tirx.noalias": True})
+        with T.launch_thread("blockIdx.x", 1):
+            tx = T.launch_thread("threadIdx.x", threads)
+            best = T.alloc_buffer((1,), "float32", scope="local")
+            arg = T.alloc_buffer((1,), "int32", scope="local")
+            ov = T.alloc_buffer((1,), "float32", scope="local")
+            oi = T.alloc_buffer((1,), "int32", scope="local")
+            red_v = T.alloc_buffer((warps,), "float32", scope="shared")
+            red_i = T.alloc_buffer((warps,), "int32", scope="shared")
+            best[0] = T.float32(-3.0e38)
+            arg[0] = vocab
+            for i in T.unroll(per):
+                if i * threads + tx < vocab:
+                    if logits[0, 0, i * threads + tx] > best[0]:  # strictly: the first index wins
+                        best[0] = logits[0, 0, i * threads + tx]
+                        arg[0] = i * threads + tx
+            for level in T.unroll(2):  # within each warp, then across the warps' winners
+                if level == 1:
+                    if tx % 32 == 0:
+                        red_v[tx // 32] = best[0]
+                        red_i[tx // 32] = arg[0]
+                    T.tvm_storage_sync("shared")
+                    best[0] = T.if_then_else(tx % 32 < warps, red_v[tx % 32 % warps], T.float32(-3.0e38))
+                    arg[0] = T.if_then_else(tx % 32 < warps, red_i[tx % 32 % warps], vocab)
+                for st in T.unroll(5):
+                    ov[0] = T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), best[0], 1 << st, 32, 32)
+                    oi[0] = T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), arg[0], 1 << st, 32, 32)
+                    if ov[0] > best[0] or (ov[0] == best[0] and oi[0] < arg[0]):
+                        best[0] = ov[0]
+                        arg[0] = oi[0]
+            if tx == 0:
+                ids[0, 0] = arg[0]
+                pos[0] = pos[0] + 1
+
+    return greedy_next.with_attrs({"tirx.is_scheduled": True, "op_pattern": 8})
 
 
 def write_kv(k_cache: "StaticKVCache", v_cache: "StaticKVCache", heads: nn.Tensor, k_head: int,
@@ -537,7 +612,7 @@ class Attention(nn.Module):
             o_part, ml = op.tensor_ir_op(partial, "decode_attention", [heads, keys, values, pos],
                                          [nn.Tensor.placeholder([hq, chunks, d], "float32"),
                                           nn.Tensor.placeholder([hq, chunks, 2], "float32")])
-            out = op.tensor_ir_op(combine, "decode_attention_combine", [o_part, ml],
+            out = op.tensor_ir_op(combine, "decode_attention_combine", [o_part, ml, pos],
                                   nn.Tensor.placeholder([1, hq, d], x.dtype))
             return self._project(out)
         scores = op.tensor_expr_op(
@@ -596,7 +671,7 @@ class LlamaForCausalLM(nn.Module):
         validate_shards(cfg, shards, scheme)
         if kv not in KV_CHOICES:
             raise ValueError(f"kv must be one of {KV_CHOICES}, got {kv!r}")
-        self.config, self.scheme_name, self.shards, self.kv = cfg, scheme, shards, kv
+        self.config, self.scheme_name, self.shards, self.kv, self.gpu = cfg, scheme, shards, kv, gpu
         self.act_dtype = get_scheme(scheme).float_dtype
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, scheme)
         # the decode GEMVs' form: by default the course's CUDA GEMV's on GPUs; build_model
@@ -647,16 +722,30 @@ class LlamaForCausalLM(nn.Module):
     def _decode_static(self, input_ids: nn.Tensor, pos: nn.Tensor) -> nn.Tensor:
         return self.forward(input_ids, pos)
 
+    def greedy_next(self, logits: nn.Tensor, input_ids: nn.Tensor, pos: nn.Tensor):
+        """Static cache on a GPU: the decode step's next input on the device (see
+        :func:`greedy_next_func`); ``input_ids`` and ``pos`` are updated in place."""
+        ids, new_pos = op.tensor_ir_inplace_op(
+            greedy_next_func(self.config.vocab_size), "greedy_next", [logits, input_ids, pos], [1, 2],
+            [nn.Tensor.placeholder([1, 1], "int32"), nn.Tensor.placeholder([1], "int32")])
+        return ids, new_pos
+
     def get_default_spec(self) -> nn.spec.ModuleSpec:
         mode = {"param_mode": "packed", "effect_mode": "packed"}
         if self.kv == "static":
             where = {"pos": nn.spec.Tensor([1], "int32")}
         else:
             where = {"total_seq_len": int}
-        return nn.spec.ModuleSpec.from_raw({
+        spec = {
             "prefill": {"input_ids": nn.spec.Tensor([1, "seq_len"], "int32"), **where, "$": mode},
             "decode": {"input_ids": nn.spec.Tensor([1, 1], "int32"), **where, "$": mode},
-        }, self)
+        }
+        if self.kv == "static" and self.gpu:
+            spec["greedy_next"] = {"logits": nn.spec.Tensor([1, 1, self.config.vocab_size], "float32"),
+                                   "input_ids": nn.spec.Tensor([1, 1], "int32"),
+                                   "pos": nn.spec.Tensor([1], "int32"),
+                                   "$": {"param_mode": "none", "effect_mode": "none"}}
+        return nn.spec.ModuleSpec.from_raw(spec, self)
 
 
 KV_CHOICES = ("dynamic", "static")

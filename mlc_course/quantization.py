@@ -365,7 +365,8 @@ def te_linear_group_sums(x, weights, name: str, out_dtype: str):
 #: (1024 + 16 q_j, ...) for the high one; one HSUB2 (or one HFMA2 by 1/16) leaves q - 7,
 #: exactly; one HFMA2 multiplies it by the activations (x_j, x_j+4), paired by a PRMT.
 #: Products are summed in float16 pairs, 8 per pair and accumulator, then in float32.
-#: The scheduler attaches the source to each kernel that calls it (``pragma_import_c``).
+#: The course's TIR pass prints it ahead of each kernel that calls it
+#: (:mod:`mlc_course.cuda_device`; compile with :func:`mlc_course.compile.compile_kernels`).
 HALF2_DOT = "course_q4_dot32"
 HALF2_DOT_SOURCE = r"""
 #ifndef COURSE_Q4_DOT32
@@ -428,7 +429,7 @@ def te_linear_half2_sums(x, weights, name: str, out_dtype: str):
     """The group-sum form (:func:`te_linear_group_sums`) with each group's 32 products
     computed two at a time in float16 pairs, by the CUDA device function
     :data:`HALF2_DOT_SOURCE` (``group_sum`` calls it with the group's 4 words and 32
-    activations; CUDA targets only).
+    activations; CUDA targets only, compiled through the course's TIR pipeline).
 
     Why: the float32 group-sum form still spends about five instructions per weight (a
     shift, a LEA, a float add, a fused multiply-add, a share of the activation's conversion),

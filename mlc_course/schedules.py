@@ -26,8 +26,6 @@ import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
 
-from .quantization import HALF2_DOT_SOURCE
-
 
 def has_block(func: tirx.PrimFunc, name: str) -> bool:
     """Whether ``func`` has a block called ``name`` (TE op names survive fusion)."""
@@ -342,8 +340,8 @@ def cuda_group_gemv_schedule(func: tirx.PrimFunc, rows_per_thread: int = 2, thre
       to float32 once, serve all of them, and the rows' loads are in flight together;
     * the group's sum is a register (``group_sum`` computed where it is used), multiplied
       by its scale once per group, not once per weight; in the ``half2`` form it is one call
-      of the course's CUDA device function, whose source the schedule attaches to the
-      kernel (``pragma_import_c`` on the thread loop: TVM prints it ahead of the kernel);
+      of the course's CUDA device function (whose source the course's TIR pass,
+      :mod:`mlc_course.cuda_device`, prints ahead of the kernel);
     * the per-thread partial sums are added across threadIdx.x with warp shuffles, and the
       epilogue (cast, residual add) follows the row.
     """
@@ -381,8 +379,6 @@ def cuda_group_gemv_schedule(func: tirx.PrimFunc, rows_per_thread: int = 2, thre
     if len(sch.get(gsum).iter_vars) > 4:  # the group's 32 products as a reduction in TIR
         sch.decompose_reduction(gsum, sch.get_loops(gsum)[-1])
         sch.unroll(sch.get_loops(gsum)[-1])
-    else:  # the half2 form: one call of the course's device function per group and row
-        sch.annotate(rtx, "pragma_import_c", HALF2_DOT_SOURCE)
     sch.unroll(rr)
     sch.unroll(rgo_i)
     sch.decompose_reduction(rf, rgo_o)

@@ -56,7 +56,7 @@ DEFAULT_MODELS = ["tiny:q0f32:static", "tiny:q4f16_1:static", "tiny:q0f16:static
                   "codellama-34b:q4f16_1:static:tp4",
                   "llama2-70b:q4f16_1:static", "llama2-70b:q4f16_1:static:tp2", "llama2-70b:q4f16_1:static:tp4",
                   "llama2-70b:q0f16:static:tp4"]
-OPTIONS = {"static", "graph", "dlight", "tp2", "tp4"}
+OPTIONS = {"static", "graph", "dlight", "tp2", "tp4", "nopdl"}
 
 # Parts of the installed tvm package a runtime-only import does not need.
 TVM_EXCLUDE_DIRS = {"3rdparty", "src", "web", "include", "cmake", "lib64", "licenses", "__pycache__"}
@@ -154,6 +154,7 @@ def build_libraries(out: Path, models: list[str], device: str, log) -> dict:
     from mlc_course.compile import _source_digest, compile_module, cuda_sources, get_target
     from mlc_course.config import get_preset
     from mlc_course.model import export
+    from mlc_course.cuda_device import supports_pdl
 
     target = get_target(device)
     arch = str(target.attrs["arch"])
@@ -173,8 +174,10 @@ def build_libraries(out: Path, models: list[str], device: str, log) -> dict:
         shards = 4 if "tp4" in opts else 2 if "tp2" in opts else 1
         kv = "static" if static else "dynamic"
         cfg = get_preset(name)
+        pdl = "nopdl" not in opts
         lib = (f"{name}-{scheme}-{arch}{'-static' if static else ''}{'-graph' if graph else ''}"
-               f"{'-dlight' if gemv == 'dlight' else ''}{f'-tp{shards}' if shards > 1 else ''}.so")
+               f"{'-dlight' if gemv == 'dlight' else ''}{'' if pdl else '-nopdl'}"
+               f"{f'-tp{shards}' if shards > 1 else ''}.so")
         mod, named = export(cfg, scheme, shards, kv=kv, gpu=True, form="half2" if gemv == "course" else "plain")
         key = {"source": _source_digest(), "arch": arch}
         if (out / "lib" / lib).exists() and old.get(lib, {}).get("key") == key:
@@ -182,7 +185,7 @@ def build_libraries(out: Path, models: list[str], device: str, log) -> dict:
             ex = None
         else:
             log(f"compiling {lib}")
-            ex = compile_module(mod, target, cuda_graph=graph, gemv=gemv)
+            ex = compile_module(mod, target, cuda_graph=graph, gemv=gemv, pdl=pdl)
             ex.export_library(str(out / "lib" / lib))
         lib_mod = ex.mod if ex is not None else _load_for_sources(out / "lib" / lib)
         digests = []
@@ -202,7 +205,7 @@ def build_libraries(out: Path, models: list[str], device: str, log) -> dict:
             "params_file": params_file, "key": key,
             "model": name, "quantization": scheme, "shards": shards, "kv": kv,
             "cuda_graph": graph or static, "graph_kind": "whole step" if static else "relax" if graph else None,
-            "gemv": gemv,
+            "gemv": gemv, "pdl": pdl and supports_pdl(target),
             "config": cfg.to_dict(),
             "params": [[n, [int(d) for d in spec.shape], str(spec.dtype)] for n, spec in named],
             "cuda_source_sha256": digests,
@@ -221,12 +224,12 @@ def build_gemv_library(out: Path, device: str, log, model: str = "llama2-7b",
                        scheme: str = "q4f16_1") -> dict:
     """``lib/gemv-<arch>.so``: the decode GEMVs of one layer of ``model`` (and its lm_head)
     alone, once per step of :data:`mlc_course.schedules.CUDA_GEMV_LADDER` (stock dlight, the
-    course's first schedule, then the group-sum form with more rows per thread; ``course``
-    is the schedule the model uses), named ``gemv_<variant>_<linear>``, so that the GPU run
+    course's first schedule, the group-sum form with more rows per thread, the half2 form;
+    ``course`` is the schedule the model uses), named ``gemv_<variant>_<linear>``, so that the GPU run
     times each kernel by itself next to PyTorch's int4 GEMV."""
     import tvm
 
-    from mlc_course.compile import cuda_sources, get_target
+    from mlc_course.compile import compile_kernels, cuda_sources, get_target
     from mlc_course.config import get_preset
     from mlc_course.schedules import CUDA_GEMV_LADDER, schedule_gemv_variant
 
@@ -239,7 +242,7 @@ def build_gemv_library(out: Path, device: str, log, model: str = "llama2-7b",
         for name, (n, k) in shapes.items():
             sym = f"gemv_{variant['name']}_{name}"
             funcs[sym] = schedule_gemv_variant(variant["name"], n, k, scheme, target).with_attr("global_symbol", sym)
-    lib = tvm.compile(tvm.IRModule(funcs), target=target)
+    lib = compile_kernels(tvm.IRModule(funcs), target)
     name = f"gemv-{arch}.so"
     lib.export_library(str(out / "lib" / name))
     for src in cuda_sources(lib.mod):

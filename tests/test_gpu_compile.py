@@ -203,12 +203,12 @@ def test_course_half2_gemv_cuda_code():
     (its source printed ahead of the kernel, once), one scale multiply per group."""
     import tvm
 
-    from mlc_course.compile import get_target
+    from mlc_course.compile import compile_kernels, get_target
     from mlc_course.quantization import HALF2_DOT, decode_gemv_func
     from mlc_course.schedules import cuda_group_gemv_schedule
 
     sch = cuda_group_gemv_schedule(decode_gemv_func(4096, 11008, "q4f16_1", form="half2"))
-    src = tvm.compile(sch.mod, target=get_target("h100")).mod.imports[0].inspect_source()
+    src = compile_kernels(sch.mod, get_target("h100")).mod.imports[0].inspect_source()
     kernel = src[src.index('extern "C" __global__'):]
     assert src.index(f"float {HALF2_DOT}(") < src.index('extern "C" __global__')
     assert "lop3.b32" in src and "__shfl_down_sync" in kernel
