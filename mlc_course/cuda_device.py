@@ -8,31 +8,23 @@ the device functions (:func:`course_device_pass`, in the TIR pipeline :data:`PIP
    before it is still finishing.
 
 Why 2: a decode step is ~350 kernels in a row, most a few microseconds long; between two of
-them the GPU idles while the next is launched and its blocks are scheduled, and a GEMV's
-first loads wait a full memory latency (notebook 06's kernel trace). Hopper lets a kernel be
+them the GPU idles while the next is launched and its blocks are scheduled (notebook 06's
+kernel trace). Hopper lets a kernel be
 launched *before* the one it depends on has finished: launched with the attribute
 ``programmaticStreamSerializationAllowed``, its blocks may start as soon as every block of
 the kernel before it has executed ``griddepcontrol.launch_dependents``; it must execute
 ``griddepcontrol.wait`` (which returns once the kernel before has completed and its writes
 are visible) before it touches anything that kernel reads or writes. CUDA graphs keep this as
 a programmatic edge. The pass gives every kernel the launch tag :data:`PDL_TAG` (TVM's CUDA
-runtime then launches it with that attribute) and, as its first statement,
-``launch_dependents``. Then:
-
-* a kernel that reads model weights (a 4-bit GEMV: parameters ``*_q_weight*`` and
-  ``*_q_scale*``, never written during a step) gets every *other* pointer through
-  ``course_pdl_wait_ptr`` (a ``griddepcontrol.wait`` whose result is the pointer), bound
-  just before the first statement that uses one: its weight loads do not depend on the
-  wait, so the GPU streams weights while the kernel before is still running;
-* any other kernel waits first thing.
-
-Results are unchanged: nothing a previous kernel wrote, or still reads, is touched before the
-wait.
+runtime then launches it with that attribute) and, as its first statements,
+``launch_dependents`` then ``wait``: nothing of the previous kernel is read, or overwritten, before it completed,
+so results are unchanged; the next kernel's launch and block scheduling overlap the previous
+kernel's tail. (A GEMV could in principle stream its weights before waiting, since no kernel
+writes them; tried, but ptxas schedules ``griddepcontrol.wait`` ahead of every load of the
+kernel whatever the source order or register dependences, as the SASS shows.)
 """
 
 from __future__ import annotations
-
-import re
 
 #: TVM 0.27's launch-parameter tag for programmatic dependent launch (its spelling)
 PDL_TAG = "tirx.use_programtic_dependent_launch"
@@ -47,19 +39,10 @@ __device__ __forceinline__ void course_pdl_launch_dependents() {
 __device__ __forceinline__ void course_pdl_wait() {
   asm volatile("griddepcontrol.wait;" ::: "memory");
 }
-// the same wait, as a pointer that only exists after it: whatever is loaded or stored
-// through the result is ordered after the wait, and nothing else is held back
-template <typename T>
-__device__ __forceinline__ T* course_pdl_wait_ptr(T* p) {
-  asm volatile("griddepcontrol.wait;" : "+l"(p));
-  return p;
-}
 #endif
 """
 PIPELINE_NAME = "course_cuda"
 MIN_PDL_ARCH = 90
-#: kernel parameters holding model weights (never written while a step runs)
-WEIGHT_PARAM = re.compile(r"_q_(weight|scale)\d*_ptr$|^q_(weight|scale)_ptr$")
 
 
 def supports_pdl(target) -> bool:
@@ -71,40 +54,6 @@ def supports_pdl(target) -> bool:
     return bool(digits) and int(digits) >= MIN_PDL_ARCH
 
 
-def _uses(stmt, names: set[str]) -> bool:
-    from tvm import tirx
-
-    return any(v.name in names for v in tirx.analysis.undefined_vars(stmt))
-
-
-def _insert_before_first_use(stmt, names: set[str], new: list):
-    """``stmt`` with ``new`` inserted just before the first statement (in program order)
-    that uses one of the vars ``names``; descends into attributes and statement lists, not
-    loops or branches (what ``new`` binds must stay in scope for the rest of the kernel).
-    Buffer declarations on those vars (no access yet) move to just after ``new``."""
-    from tvm import tirx
-
-    if isinstance(stmt, tirx.AttrStmt) and not _uses_value(stmt, names):
-        return tirx.AttrStmt(stmt.node, stmt.attr_key, stmt.value, _insert_before_first_use(stmt.body, names, new))
-    if isinstance(stmt, tirx.SeqStmt):
-        seq, decls = list(stmt.seq), []
-        for i, s in enumerate(seq):
-            if isinstance(s, tirx.DeclBuffer) and getattr(s.data, "name", None) in names:
-                decls.append(s)
-                names = names | {s.buffer.name}  # statements name the buffer, not its pointer
-            elif _uses(s, names):
-                rest = [x for x in seq[:i] if not any(x.same_as(d) for d in decls)]
-                return tirx.SeqStmt(rest + [_insert_before_first_use(s, names, new + decls)] + seq[i + 1:])
-        return stmt
-    return tirx.SeqStmt([*new, stmt])
-
-
-def _uses_value(attr, names: set[str]) -> bool:
-    from tvm import tirx
-
-    return any(v.name in names for v in tirx.analysis.undefined_vars(attr.value))
-
-
 def _kernel(func, pdl: bool):
     """One device function with the course's additions (see the module doc)."""
     import tvm
@@ -112,25 +61,16 @@ def _kernel(func, pdl: bool):
 
     from .quantization import HALF2_DOT, HALF2_DOT_SOURCE
 
-    sources, body, params = [], func.body, list(func.params)
-    text = func.script()
-    if HALF2_DOT in text:
+    sources, body = [], func.body
+    if HALF2_DOT in func.script():
         sources.append(HALF2_DOT_SOURCE)
     if pdl:
         sources.append(PDL_SOURCE)
-        weights = [p for p in params if WEIGHT_PARAM.search(p.name)]
-        if weights:
-            waited = [p for p in params if p not in weights and isinstance(p.ty, tvm.ir.PointerType)]
-            raw = {p.name: tirx.Var(p.name + "_in", p.ty) for p in waited}
-            binds = [tirx.Bind(p, tirx.call_extern(p.ty, "course_pdl_wait_ptr", raw[p.name])) for p in waited]
-            body = _insert_before_first_use(body, {p.name for p in waited}, binds)
-            params = [raw.get(p.name, p) if p in waited else p for p in params]
-        else:
-            body = tirx.SeqStmt([tirx.Evaluate(tirx.call_extern("int32", "course_pdl_wait")), body])
-        body = tirx.SeqStmt([tirx.Evaluate(tirx.call_extern("int32", "course_pdl_launch_dependents")), body])
+        body = tirx.SeqStmt([tirx.Evaluate(tirx.call_extern("int32", "course_pdl_launch_dependents")),
+                             tirx.Evaluate(tirx.call_extern("int32", "course_pdl_wait")), body])
     for src in sources:
         body = tirx.AttrStmt(tirx.const(0, "int32"), "pragma_import_c", tvm.ir.expr.StringImm(src), body)
-    out = tirx.PrimFunc(params, body, func.ret_type, func.attrs)
+    out = func.with_body(body)
     if pdl:
         tags = [str(t) for t in func.attrs.get("tirx.kernel_launch_params", [])]
         if PDL_TAG not in tags:

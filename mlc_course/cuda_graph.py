@@ -131,6 +131,9 @@ class CudaGraphDecoder:
         self.pos.copyfrom(np.array([pos], dtype="int32"))
         if self.graph_exec is None:
             self._capture()
+            # the warm-up call's greedy_next moved the inputs on: set them again
+            self.ids.copyfrom(np.array([[token]], dtype="int32"))
+            self.pos.copyfrom(np.array([pos], dtype="int32"))
         _check(self.rt.cudaGraphLaunch(self.graph_exec, self.stream), "cudaGraphLaunch")
         self._sync()
         return self.logits
