@@ -34,6 +34,23 @@ def _graph_decode(vm_mod, params, effects, token: int, pos: int):
     """One decode step of this worker, replayed from its CUDA graph (captured on the first
     call; one graph per worker and loaded module). Every worker replays its own graph, the
     NCCL collectives inside it included; the controller reads worker 0's logits."""
+    return _decoder(vm_mod, params, effects).replay(int(token), int(pos))
+
+
+@register_global_func("mlc_course.graph_greedy", override=True)
+def _graph_greedy(vm_mod, params, effects, token: int, pos: int, count: int):
+    """``count`` greedy steps of this worker from its CUDA graph, the argmax taken on the GPU
+    (:meth:`mlc_course.cuda_graph.CudaGraphDecoder.greedy`). Every worker replays its own
+    graph; the step broadcasts worker 0's token to all, so they stay in step. Returns the
+    tokens (the controller reads worker 0's)."""
+    from tvm_ffi import Shape
+
+    dec = _decoder(vm_mod, params, effects)
+    return Shape(list(dec.greedy(int(token), int(pos), int(count))))
+
+
+def _decoder(vm_mod, params, effects):
+    """This worker's decoder for ``vm_mod`` (one graph per worker and loaded module)."""
     import tvm
 
     from .cuda_graph import CudaGraphDecoder
@@ -44,7 +61,7 @@ def _graph_decode(vm_mod, params, effects, token: int, pos: int):
         rank = int(get_global_func("runtime.disco.worker_id")()[0])
         _DECODERS.clear()
         dec = _DECODERS[key] = CudaGraphDecoder(vm_mod, tvm.cuda(rank), params, effects)
-    return dec.replay(int(token), int(pos))
+    return dec
 
 
 @register_global_func("mlc_course.graph_release", override=True)

@@ -230,6 +230,7 @@ class DiscoRunner:
             else:
                 self.params = params(self.sess)
             self._graph_decode = self.sess.get_global_func("mlc_course.graph_decode") if graph else None
+            self._graph_greedy = self.sess.get_global_func("mlc_course.graph_greedy") if graph else None
             self._getitem = self.sess.get_global_func("ffi.ArrayGetItem")
             self.sess._sync_all()
             # this session's worker processes only (an earlier session's may linger as zombies)
@@ -255,6 +256,37 @@ class DiscoRunner:
         if self.kv == "static" and self.effects is not None:
             return  # the same cache buffers for the whole session: stale rows are masked
         self.effects = self.mod["_initialize_effect"]()
+
+    #: greedy tokens per call to the workers (each call costs a round trip through the pipes)
+    GREEDY_CHUNK = 32
+
+    def can_greedy(self) -> bool:
+        """Whether greedy tokens can come from the workers' GPUs (:meth:`greedy`)."""
+        if getattr(self, "_graph_greedy", None) is None or self.kv != "static":
+            return False
+        try:
+            self.mod["greedy_next"]
+            return True
+        except Exception:  # noqa: BLE001  (a library built before greedy_next existed)
+            return False
+
+    def greedy(self, token: int, pos: int, count: int):
+        """``count`` greedy tokens, the first after appending ``token`` at ``pos``: every worker
+        replays its graph with the argmax on its GPU, :data:`GREEDY_CHUNK` steps per call."""
+        done = 0
+        while done < count:
+            n = min(self.GREEDY_CHUNK, count - done)
+            self._ensure_alive()
+            try:
+                out = self._graph_greedy(self.mod, self.params, self.effects, int(token), int(pos) + done, n)
+                toks = [int(t) for t in out.debug_get_from_remote(0)]
+            except Exception as e:
+                self.close()
+                raise EngineError(f"a disco worker failed during decode: {_first_line(e)}; the "
+                                  "session was shut down") from None
+            yield from toks
+            done += n
+            token = toks[-1]
 
     def step(self, fn: str, ids: np.ndarray, total: int) -> np.ndarray:
         tvm = self.tvm
@@ -293,7 +325,7 @@ class DiscoRunner:
                 self.sess._sync_all()
             except Exception:  # noqa: BLE001  (a dead worker: nothing left to release)
                 pass
-        self.mod = self.params = self.effects = self._getitem = self._graph_decode = None
+        self.mod = self.params = self.effects = self._getitem = self._graph_decode = self._graph_greedy = None
         self.sess = None
 
 
