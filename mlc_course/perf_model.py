@@ -93,34 +93,47 @@ PARAMETERS: dict[str, Param] = {
     "t_layer.course.graph": Param(119.1e-6, "s", "calibrated: the same with CUDA graphs (262.3 tok/s = "
                                   "3.81 ms/token over 32 layers, data/results/gpu_h100.json)"),
     # --- the course engine with a static KV cache, each decode step one CUDA graph ----------
-    # (fitted by calibrate_course_graph() from the CUPTI kernel traces of data/results/gpu_h100x1.json)
-    "rate.course-graph.q4": Param(2.53e12, "B/s", "fitted: the course's 4-bit decode GEMVs (group-sum "
-                                  "form, two rows a thread) stream weights at this rate plus "
-                                  "t_gemv.static_graph per GEMV: the two-point fit of the GEMV kernel time "
-                                  "per token of Llama-2-7B (1943 us) and Llama-2-70B (16473 us) on one H100 "
-                                  "(calibrate_course_graph(), data/results/gpu_h100x1.json). The rate is the "
-                                  "kernel's instruction throughput on a 132-SM Hopper, not its memory: the "
-                                  "H200 (4.2 against 3.0 TB/s of copy) decodes Llama-2-70B at the same "
-                                  "54 tok/s (data/results/gpu_h200x4.json), so it is capped by "
-                                  "min(copy, rate)"),
+    # (fitted by calibrate_course_graph() from the CUPTI kernel traces of data/results/gpu_h100x1.json:
+    # half2 GEMVs, programmatic dependent launch, the argmax on the GPU)
+    "rate.course-graph.q4": Param(3.076e12, "B/s", "fitted: the course's 4-bit decode GEMVs (half2 form, "
+                                  "two rows a thread) stream weights at this rate plus t_gemv.static_graph "
+                                  "per GEMV: the two-point fit of the GEMV time per token of Llama-2-7B "
+                                  "(1824 us) and Llama-2-70B (14099 us) on one H100 (calibrate_course_graph(), "
+                                  "data/results/gpu_h100x1.json). Above the H100's read+write copy (a pure "
+                                  "read); on an H200 the GEMVs are capped by min(copy, rate)"),
     "eta.course-graph": Param(1.0, "of copy bw", "assumed: below rate.course-graph.q4 the 4-bit GEMVs "
-                              "could read at the copy rate (the float16 ones do, eta.course-graph.q0)"),
-    "t_gemv.static_graph": Param(3.66e-6, "s", "fitted: the same fit's fixed time per GEMV (ramp-up, "
-                                 "the warp sums, the tail of the last wave)"),
-    "eta.course-graph.q0": Param(1.0, "of copy bw", "fitted: Llama-2-7B q0f16 on one H100, its float16 "
-                                 "GEMVs (4900 us per token for 13.2 GB) less t_gemv.static_graph each: "
-                                 "a pure read streams at the read+write copy rate"),
+                              "read at the copy rate (the float16 ones do, eta.course-graph.q0)"),
+    "t_gemv.static_graph": Param(4.77e-6, "s", "fitted: the same fit's fixed time per GEMV (launch, "
+                                 "ramp-up, the warp sums, the tail of the last wave)"),
+    "eta.course-graph.q0": Param(1.04, "of copy bw", "fitted: Llama-2-7B q0f16 on one H100, its float16 "
+                                 "GEMVs (4903 us per token for 13.2 GB) less t_gemv.static_graph each: "
+                                 "a pure read streams a little faster than the read+write copy"),
     "gemvs_per_layer.static": Param(4, "GEMVs", "counted: QKV, O (+add), gate/up, down (+add); plus "
                                     "the lm_head once per token"),
-    "kernels_per_layer.static": Param(7, "kernels", "counted: the other kernels of a layer in the static "
-                                      "decode function: 2 RMSNorms, q/k/v RoPE, K/V write, attention, "
-                                      "attention combine, SiLU*up (model.py)"),
-    "kernels_fixed.static": Param(2, "kernels", "counted: embedding, final norm"),
-    "t_kernel.static_graph": Param(3.03e-6, "s", "fitted: Llama-2-7B q4 on one H100, 372.9 tok/s = "
-                                   "2681 us per token, less its GEMVs (1943 us) and the KV cache read at "
-                                   "the GEMV rate, over 7 x 32 + 2 other kernels: their run time and the "
-                                   "gaps between them in the graph (calibrate_course_graph())"),
-    # the previous static engine (dlight GEMVs, three TE attention kernels), which made the
+    "kernels_per_layer.static": Param(6, "kernels", "counted: the other kernels of a layer in the static "
+                                      "decode function: 2 RMSNorms, RoPE + K/V write, attention, attention "
+                                      "combine, SiLU*up (model.py)"),
+    "kernels_fixed.static": Param(3, "kernels", "counted: embedding, final norm, greedy argmax"),
+    "t_kernel.static_graph": Param(1.54e-6, "s", "fitted: Llama-2-7B q4 on one H100, 461.2 tok/s = "
+                                   "2168 us per token, less its GEMVs (1824 us) and the KV cache read at "
+                                   "the GEMV rate, over 6 x 32 + 3 other kernels: their run time and what "
+                                   "the graph adds between them (calibrate_course_graph())"),
+    # the previous static engine (group-sum float32 GEMVs, separate RoPE and cache write, the
+    # argmax on the host), which made data/results/gpu_h200x4.json and gpu_h100x1_v2.json
+    "rate.course-graph-v2.q4": Param(2.53e12, "B/s", "fitted: the same fit for that engine "
+                                     "(calibrate_course_graph(engine='course-graph-v2'), "
+                                     "data/results/gpu_h100x1_v2.json): its GEMVs were instruction-bound, "
+                                     "capped by min(copy, rate) (Llama-2-70B 53.8 tok/s on an H100, 54.4 on "
+                                     "an H200)"),
+    "eta.course-graph-v2": Param(1.0, "of copy bw", "assumed, as eta.course-graph"),
+    "t_gemv.static_graph-v2": Param(3.66e-6, "s", "fitted: that fit's fixed time per GEMV"),
+    "eta.course-graph-v2.q0": Param(1.0, "of copy bw", "fitted: that engine's Llama-2-7B q0f16 point"),
+    "kernels_per_layer.static-v2": Param(7, "kernels", "counted: 2 RMSNorms, q/k/v RoPE, K/V write, "
+                                         "attention, attention combine, SiLU*up"),
+    "kernels_fixed.static-v2": Param(2, "kernels", "counted: embedding, final norm"),
+    "t_kernel.static_graph-v2": Param(3.03e-6, "s", "fitted: its Llama-2-7B q4 step on one H100, "
+                                      "372.9 tok/s, less GEMVs and KV, over 7 x 32 + 2 other kernels"),
+    # the first static engine (dlight GEMVs, three TE attention kernels), which made the
     # records of data/results/gpu_h200x2.json
     "eta.course-graph-v1": Param(0.411, "of copy bw", "measured: the decode GEMVs of one Llama-2-7B layer "
                                  "(dlight schedule) alone on an H200 read 113.8 MB in 66.4 us = 1.71 TB/s "
@@ -159,9 +172,10 @@ PARAMETERS: dict[str, Param] = {
                          "RMS 7.5%); the course's H100 points within 25%"),
 }
 
-ENGINES = ("mlc-2023", "course", "course-graph", "course-graph-v1")
-# results files made by the previous static engine (modelled as "course-graph-v1")
+ENGINES = ("mlc-2023", "course", "course-graph", "course-graph-v2", "course-graph-v1")
+# results files made by the earlier static engines (modelled as "course-graph-v1" / "-v2")
 ENGINE_V1_FILES = ("gpu_h200x2.json",)
+ENGINE_V2_FILES = ("gpu_h200x4.json", "gpu_h100x1_v2.json")
 LINKS = ("nvlink", "pcie")
 SEED_MODELS = {"Llama-2-70B": "llama2-70b", "CodeLlama-34B": "codellama-34b"}
 
@@ -271,8 +285,8 @@ def predict(model_preset, scheme: str, gpu: str, n: int, link: str | None = None
             else param(f"eta.{engine}")
     base = gpu_bandwidth(gpu) if bandwidth is None else bandwidth
     bw = base * eta
-    if engine == "course-graph" and not scheme.startswith("q0"):
-        bw = min(bw, param("rate.course-graph.q4"))  # instruction-bound on Hopper
+    if engine in ("course-graph", "course-graph-v2") and not scheme.startswith("q0"):
+        bw = min(bw, param(f"rate.{engine}.q4"))  # the GEMVs' own limit
     total = cfg.bytes_per_token(scheme)
     rep = _replicated_bytes(cfg, scheme)
     per_device = (total - rep) / n + rep
@@ -280,10 +294,11 @@ def predict(model_preset, scheme: str, gpu: str, n: int, link: str | None = None
     t_w, t_kv = per_device / bw, kv / bw
     n_coll = 2 * cfg.num_layers + 1 if n > 1 else 0
     t_ar = n_coll * allreduce_latency(n, link, cuda_graph, 2 * cfg.hidden_size, nodes)
-    if engine == "course-graph":
+    if engine in ("course-graph", "course-graph-v2"):
+        sfx = _suffix(engine)
         gemvs = cfg.num_layers * param("gemvs_per_layer.static") + 1
-        kernels = cfg.num_layers * param("kernels_per_layer.static") + param("kernels_fixed.static")
-        t_k = gemvs * param("t_gemv.static_graph") + kernels * param("t_kernel.static_graph")
+        kernels = cfg.num_layers * param(f"kernels_per_layer.static{sfx}") + param(f"kernels_fixed.static{sfx}")
+        t_k = gemvs * param(f"t_gemv.static_graph{sfx}") + kernels * param(f"t_kernel.static_graph{sfx}")
         kernels += gemvs
         cuda_graph = True
     elif engine == "course-graph-v1":
@@ -392,21 +407,39 @@ def load_gpu_results(pattern: str = "gpu_*.json", results_dir: str | Path = RESU
     return out
 
 
-CALIBRATION_FILE = "gpu_h100x1.json"  # the one-H100 run the course-graph parameters come from
+#: The whole-step-graph engines whose parameters :func:`calibrate_course_graph` fits from the
+#: CUPTI kernel traces of a one-H100 run: the file, the other kernels per layer and per token,
+#: and which records (``pdl``: the programmatic-dependent-launch libraries, the default).
+COURSE_GRAPH_FITS = {
+    "course-graph": {"file": "gpu_h100x1.json", "kernels_per_layer": 6, "kernels_fixed": 3, "pdl": True},
+    "course-graph-v2": {"file": "gpu_h100x1_v2.json", "kernels_per_layer": 7, "kernels_fixed": 2, "pdl": False},
+}
+CALIBRATION_FILE = COURSE_GRAPH_FITS["course-graph"]["file"]  # the run the current engine's parameters come from
 
 
-def calibrate_course_graph(path: str | Path | None = None) -> dict:
-    """Fit the ``course-graph`` parameters from the CUPTI kernel traces of the one-H100 run:
-    GEMV time per token = weight bytes / rate + GEMVs x t_gemv through the Llama-2-7B
-    and Llama-2-70B q4 points; eta for float16 weights from the 7B q0f16 point; t_kernel from
-    the 7B q4 step less its GEMVs and KV read, over the other kernels."""
+def _suffix(engine: str) -> str:
+    """``""`` for ``course-graph``, ``"-v2"`` for ``course-graph-v2``: the static-engine
+    parameters' name suffix."""
+    return engine.removeprefix("course-graph")
+
+
+def calibrate_course_graph(path: str | Path | None = None, engine: str = "course-graph") -> dict:
+    """Fit ``engine``'s parameters (:data:`COURSE_GRAPH_FITS`) from the CUPTI kernel traces
+    of its one-H100 run: GEMV time per token = weight bytes / rate + GEMVs x t_gemv through
+    the Llama-2-7B and Llama-2-70B q4 points; eta for float16 weights from the 7B q0f16
+    point; t_kernel from the 7B q4 step less its GEMVs and KV read, over the other kernels.
+    (Each kernel in a trace is charged its part of the GPU timeline past the previous
+    kernel's end, so overlapping launches are not counted twice.)"""
     from .config import get_preset
 
-    doc = json.loads(Path(path or RESULTS_DIR / CALIBRATION_FILE).read_text())
+    fit = COURSE_GRAPH_FITS[engine]
+    sfx = _suffix(engine)
+    doc = json.loads(Path(path or RESULTS_DIR / fit["file"]).read_text())
     bw = float(doc["bandwidth_GBps"]) * 1e9
     pts = {}
     for r in doc["records"]:
-        if "gpu_kernels" not in r or r.get("gemv") != "course" or r.get("kv") != "static":
+        if "gpu_kernels" not in r or r.get("gemv") != "course" or r.get("kv") != "static" \
+                or bool(r.get("pdl", False)) != fit["pdl"]:
             continue
         gemv_s = sum(k["us_per_token"] for k in r["gpu_kernels"]["top"]
                      if k["kernel"].startswith(("linear", "fused_linear", "lm_head"))) * 1e-6
@@ -423,9 +456,9 @@ def calibrate_course_graph(path: str | Path | None = None) -> dict:
     eta_q0 = rq["bytes_per_token"] / ((gq - n7 * t0) * bw)
     step7 = 1.0 / float(r7["decode_tok_per_s"])
     kv7 = c7.kv_bytes_per_token(r7["prompt_tokens"] + r7["new_tokens"] // 2) * sec_per_byte
-    t_kernel = (step7 - g7 - kv7) / (7 * c7.num_layers + 2)
-    return {"rate.course-graph.q4": rate, "t_gemv.static_graph": t0, "eta.course-graph.q0": eta_q0,
-            "t_kernel.static_graph": t_kernel}
+    t_kernel = (step7 - g7 - kv7) / (fit["kernels_per_layer"] * c7.num_layers + fit["kernels_fixed"])
+    return {f"rate.{engine}.q4": rate, f"t_gemv.static_graph{sfx}": t0, f"eta.{engine}.q0": eta_q0,
+            f"t_kernel.static_graph{sfx}": t_kernel}
 
 
 def _gpu_key(name: str) -> str:
@@ -460,6 +493,8 @@ def _parse_record(r: dict) -> dict | None:
     kind = "course-graph" if r.get("kv") == "static" and graph else "course"
     if kind == "course-graph" and r.get("file") in ENGINE_V1_FILES:
         kind = "course-graph-v1"
+    elif kind == "course-graph" and r.get("file") in ENGINE_V2_FILES:
+        kind = "course-graph-v2"
     return {"preset": preset, "scheme": m.group(0), "cuda_graph": bool(graph), "engine": kind,
             "kv": r.get("kv", "dynamic")}
 
@@ -521,8 +556,9 @@ def gpu_comparison(records: list[dict] | None = None) -> list[dict]:
                      "calibration": (k["engine"] == "course" and is_calibration_record(k, int(r["shards"]), gpu, graph=None))
                      or (k["engine"] == "course-graph-v1" and int(r["shards"]) == 1 and k["preset"] == "llama2-7b"
                          and (r.get("gemv") == "dlight" or k["scheme"] == "q0f16"))
-                     or (k["engine"] == "course-graph" and r.get("file") == CALIBRATION_FILE
+                     or (k["engine"] in COURSE_GRAPH_FITS and r.get("file") == COURSE_GRAPH_FITS[k["engine"]]["file"]
                          and int(r["shards"]) == 1 and r.get("gemv") == "course"
+                         and bool(r.get("pdl", False)) == COURSE_GRAPH_FITS[k["engine"]]["pdl"]
                          and k["preset"] in ("llama2-7b", "llama2-70b")),
                      "in_scope": p.breakdown["weights"] >= SCOPE_MIN_WEIGHT_SHARE * p.ms_per_token
                      and not (int(r["shards"]) > 1 and not k["cuda_graph"])

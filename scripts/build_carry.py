@@ -50,7 +50,8 @@ sys.path.insert(0, str(ROOT))
 #   tp2/tp4 2 or 4 tensor-parallel shards (each worker's library; NCCL all-reduces)
 DEFAULT_MODELS = ["tiny:q0f32:static", "tiny:q4f16_1:static", "tiny:q0f16:static",
                   "tiny:q0f32:static:tp2", "tiny:q4f16_1:static:tp2",
-                  "llama2-7b:q4f16_1:static", "llama2-7b:q4f16_1:static:dlight", "llama2-7b:q0f16:static",
+                  "llama2-7b:q4f16_1:static", "llama2-7b:q4f16_1:static:nopdl",
+                  "llama2-7b:q4f16_1:static:dlight", "llama2-7b:q0f16:static",
                   "llama2-7b:q4f16_1:graph:dlight", "llama2-7b:q4f16_1:static:tp2",
                   "codellama-34b:q4f16_1:static", "codellama-34b:q4f16_1:static:tp2",
                   "codellama-34b:q4f16_1:static:tp4",
