@@ -216,34 +216,18 @@ def build_libraries(out: Path, models: list[str], device: str, log) -> dict:
     return manifest
 
 
-def gemv_shapes(cfg) -> dict[str, tuple[int, int]]:
-    """The decode linears of one layer, (n, k) each."""
-    return dict(cfg.linear_shapes_per_layer())
-
-
 def build_gemv_library(out: Path, device: str, log, model: str = "llama2-7b",
                        scheme: str = "q4f16_1") -> dict:
     """``lib/gemv-<arch>.so``: the decode GEMVs of one layer of ``model`` (and its lm_head)
-    alone, once per step of :data:`mlc_course.schedules.CUDA_GEMV_LADDER` (stock dlight, the
-    course's first schedule, the group-sum form with more rows per thread, the half2 form;
-    ``course`` is the schedule the model uses), named ``gemv_<variant>_<linear>``, so that the GPU run
-    times each kernel by itself next to PyTorch's int4 GEMV."""
-    import tvm
+    alone, once per step of :data:`mlc_course.schedules.CUDA_GEMV_LADDER`
+    (:func:`mlc_course.gemv_bench.compile_gemv_ladder`), named ``gemv_<variant>_<linear>``, so
+    that the GPU run times each kernel by itself next to PyTorch's int4 GEMV."""
+    from mlc_course.compile import cuda_sources, get_target
+    from mlc_course.gemv_bench import compile_gemv_ladder
+    from mlc_course.schedules import CUDA_GEMV_LADDER
 
-    from mlc_course.compile import compile_kernels, cuda_sources, get_target
-    from mlc_course.config import get_preset
-    from mlc_course.schedules import CUDA_GEMV_LADDER, schedule_gemv_variant
-
-    target = get_target(device)
-    arch = str(target.attrs["arch"])
-    cfg = get_preset(model)
-    shapes = {**gemv_shapes(cfg), "lm_head": (cfg.vocab_size, cfg.hidden_size)}
-    funcs = {}
-    for variant in CUDA_GEMV_LADDER:
-        for name, (n, k) in shapes.items():
-            sym = f"gemv_{variant['name']}_{name}"
-            funcs[sym] = schedule_gemv_variant(variant["name"], n, k, scheme, target).with_attr("global_symbol", sym)
-    lib = compile_kernels(tvm.IRModule(funcs), target)
+    arch = str(get_target(device).attrs["arch"])
+    lib, shapes, names = compile_gemv_ladder(model, scheme, device)
     name = f"gemv-{arch}.so"
     lib.export_library(str(out / "lib" / name))
     for src in cuda_sources(lib.mod):
@@ -251,7 +235,7 @@ def build_gemv_library(out: Path, device: str, log, model: str = "llama2-7b",
         fb = out / "fatbin" / f"{digest}.fatbin"
         if not fb.exists():
             nvcc_fatbin(src, arch, fb)
-    log(f"{name}: {len(funcs)} GEMV kernels ({model} {scheme})")
+    log(f"{name}: {len(names) * len(shapes)} GEMV kernels ({model} {scheme})")
     return {"library": name, "model": model, "quantization": scheme,
             "variants": [{"name": v["name"], "description": v["description"]} for v in CUDA_GEMV_LADDER],
             "shapes": {k: list(v) for k, v in shapes.items()}}

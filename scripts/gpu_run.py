@@ -577,82 +577,26 @@ def tiny_tp(carry: Path, manifest: dict, steps: int = 16, graph: bool = True) ->
     return out
 
 
-ROTATE_BYTES = 200e6  # weight copies cycled through per timing: 4x the 50 MB L2 of an H100/H200
-
-
-def _event_time(launch, calls: int, reps: int = 10) -> float:
-    """Seconds per call of ``launch(i)`` for i in range(calls), ``reps`` times over, timed
-    with CUDA events on the default stream (where TVM and PyTorch both launch here)."""
-    import torch
-
-    for i in range(calls):
-        launch(i)
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        for i in range(calls):
-            launch(i)
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / 1e3 / (reps * calls)
-
-
 def gemv_peer(carry: Path, manifest: dict, bandwidth: float) -> list[dict]:
-    """Each decode GEMV of one Llama-2-7B layer (and its lm_head) by itself: every step of
-    the course's GEMV ladder (stock dlight first), and PyTorch's int4 GEMV
-    (``torch._weight_int4pack_mm``, the tinygemm kernel gpt-fast uses: bfloat16 activations,
-    group size 32, scales and zeros) on the same (n, k). Each kernel cycles through copies of
-    its weights that together exceed the L2 cache several times, so every call streams its
-    weights from memory as in the model; timed with CUDA events. GB/s = weight bytes / time."""
-    import numpy as np
+    """Each decode GEMV of one Llama-2-7B layer (and its lm_head) by itself, every step of the
+    course's GEMV ladder next to PyTorch's int4 GEMV (:func:`mlc_course.gemv_bench.time_gemv_ladder`,
+    which notebook 06 runs live where it finds a GPU), from the library built here."""
     import torch
     import tvm
+
+    from mlc_course.gemv_bench import ROTATE_BYTES, time_gemv_ladder
 
     meta = manifest.get("gemv")
     if not meta:
         return []
     lib = tvm.runtime.load_module(str(carry / "lib" / meta["library"]))
-    dev = tvm.cuda(0)
-    rng = np.random.default_rng(0)
-    rows = []
-    for name, (n, k) in meta["shapes"].items():
-        wbytes = n * k // 2 + n * (k // 32) * 2
-        copies = int(min(32, max(2, -(-ROTATE_BYTES // wbytes))))
-        x = tvm.runtime.tensor(rng.standard_normal((1, 1, k)).astype("float16"), dev)
-        qw0 = np.frombuffer(rng.bytes(n * k // 2), dtype=np.uint32).reshape(n, k // 8)
-        sc0 = rng.uniform(0.002, 0.004, (n, k // 32)).astype("float16")
-        qws = [tvm.runtime.tensor(qw0, dev) for _ in range(copies)]
-        scs = [tvm.runtime.tensor(sc0, dev) for _ in range(copies)]
-        y = tvm.runtime.empty((1, 1, n), "float16", dev)
-        row = {"linear": name, "n": n, "k": k, "weight_bytes": wbytes, "weight_copies": copies}
-        kinds = [v["name"] for v in meta.get("variants", [])] or ["course", "dlight"]
-        for kind in kinds:
-            f = lib[f"gemv_{kind}_{name}"]
-            t = _event_time(lambda i: f(x, qws[i], scs[i], y), copies)
-            row[f"{kind}_us"] = round(t * 1e6, 2)
-            row[f"{kind}_GBps"] = round(wbytes / t / 1e9, 1)
-        del qws, scs
-        # PyTorch's int4 GEMV on the same shape (its own layout: int4 + bf16 scale and zero)
-        try:
-            w = torch.randint(0, 16, (n, k), dtype=torch.int32, device="cuda")
-            packed_u8 = (w[:, 1::2] << 4 | w[:, ::2]).to(torch.uint8)
-            wps = [torch.ops.aten._convert_weight_to_int4pack(packed_u8, 8) for _ in range(copies)]
-            szs = [torch.rand(k // 32, n, 2, dtype=torch.bfloat16, device="cuda") for _ in range(copies)]
-            xb = torch.randn(1, k, dtype=torch.bfloat16, device="cuda")
-            t = _event_time(lambda i: torch.ops.aten._weight_int4pack_mm(xb, wps[i], 32, szs[i]), copies)
-            tb = n * k // 2 + n * (k // 32) * 4  # int4 + bf16 scale and zero per group
-            row.update(torch_int4_us=round(t * 1e6, 2), torch_int4_GBps=round(tb / t / 1e9, 1),
-                       torch_weight_bytes=tb)
-            del w, packed_u8, wps, szs
-        except Exception as e:  # noqa: BLE001
-            row["torch_int4_error"] = f"{type(e).__name__}: {str(e)[:200]}"
-        rows.append(row)
+    kinds = [v["name"] for v in meta.get("variants", [])] or ["course", "dlight"]
+    rows = time_gemv_ladder(lib, {name: tuple(nk) for name, nk in meta["shapes"].items()}, kinds)
     for row in rows:
         log(f"  GEMV {row['linear']:<13} {row['n']:>6}x{row['k']:<6} "
             + "  ".join(f"{k[:-5]} {v:.0f}" for k, v in row.items() if k.endswith("_GBps")) + " GB/s")
     return [{"model": meta["model"], "quantization": meta["quantization"], "copy_bandwidth_GBps": round(bandwidth, 1),
-             "torch": torch.__version__, "timing": "CUDA events, weights rotated over copies > 4x L2",
+             "torch": torch.__version__, "timing": f"CUDA events, weights rotated over copies > {ROTATE_BYTES / 50e6:.0f}x L2",
              "variants": meta.get("variants", []), "rows": rows}]
 
 

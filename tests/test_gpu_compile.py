@@ -249,3 +249,18 @@ def test_smollm2_on_gpu_matches_cpu():
     schemes = {c["scheme"] for c in doc["cases"]}
     assert {"q0f32", "q4f16_1", "q0f16"} <= schemes
     assert all(c["identical"] and c["kv"] == "static" for c in doc["cases"]), doc["cases"]
+
+
+def test_gemv_ladder_reads_the_committed_run_without_a_gpu(monkeypatch):
+    """Notebook 06's GEMV ladder: timed live where a GPU is usable, else the committed run,
+    saying which; asking for a live run without a GPU is a clear error."""
+    from mlc_course import gemv_bench
+    from mlc_course.schedules import CUDA_GEMV_LADDER
+
+    monkeypatch.setattr(gemv_bench, "gpu_here", lambda: None)
+    run = gemv_bench.gemv_ladder()
+    assert "committed" in run["source"] and "H100" in run["gpu"]
+    assert [v["name"] for v in run["variants"]] == [v["name"] for v in CUDA_GEMV_LADDER]
+    assert all(r[f"{v['name']}_GBps"] > 0 for r in run["rows"] for v in CUDA_GEMV_LADDER)
+    with pytest.raises(RuntimeError, match="no CUDA GPU"):
+        gemv_bench.gemv_ladder(live=True)
