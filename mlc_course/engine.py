@@ -159,13 +159,7 @@ class LocalRunner:
     def can_greedy(self) -> bool:
         """Whether greedy tokens can come from the device (:meth:`greedy`): a CUDA-graph
         runner whose library has ``greedy_next``."""
-        if not (self.graph and self.kv == "static"):
-            return False
-        try:
-            self.vm["greedy_next"]
-            return True
-        except Exception:  # noqa: BLE001  (a library built before greedy_next existed)
-            return False
+        return self.graph and self.kv == "static" and _has_greedy_next(self.vm)
 
     def greedy(self, token: int, pos: int, count: int):
         """``count`` greedy tokens from the device, the first after appending ``token`` at
@@ -180,6 +174,16 @@ class LocalRunner:
         if self.decoder is not None:
             self.decoder.close()
         self.vm = self.params = self.effects = self.decoder = None
+
+
+def _has_greedy_next(module) -> bool:
+    """Whether a loaded library (a VM, or a disco module) has ``greedy_next`` (libraries
+    built for GPUs before it existed do not)."""
+    try:
+        module["greedy_next"]
+        return True
+    except Exception:  # noqa: BLE001
+        return False
 
 
 class DiscoRunner:
@@ -262,13 +266,8 @@ class DiscoRunner:
 
     def can_greedy(self) -> bool:
         """Whether greedy tokens can come from the workers' GPUs (:meth:`greedy`)."""
-        if getattr(self, "_graph_greedy", None) is None or self.kv != "static":
-            return False
-        try:
-            self.mod["greedy_next"]
-            return True
-        except Exception:  # noqa: BLE001  (a library built before greedy_next existed)
-            return False
+        return getattr(self, "_graph_greedy", None) is not None and self.kv == "static" \
+            and _has_greedy_next(self.mod)
 
     def greedy(self, token: int, pos: int, count: int):
         """``count`` greedy tokens, the first after appending ``token`` at ``pos``: every worker

@@ -108,6 +108,27 @@ def _rms_norm(x: nn.Tensor, weight: nn.Parameter, eps: float, gpu: bool = False)
     return op.tensor_expr_op(lambda xx, ww: _te_rms_norm(xx, ww, eps), "rms_norm", [x, weight])
 
 
+def _block_sum_macro():
+    """A TVMScript macro, ``block_sum(acc, out, red, tx, warps)``: ``out[0]`` = the sum of
+    every thread's ``acc[0]`` in the block, for every thread (warp shuffles, then one exchange
+    through the shared ``red``, one slot per warp). The GPU decode step's hand-written kernels
+    share it (``acc`` is left holding its warp's sum)."""
+    from tvm.script import tirx as T
+
+    @T.macro
+    def block_sum(acc, out, red, tx, warps):
+        for st in T.unroll(5):
+            acc[0] = acc[0] + T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), acc[0], 1 << st, 32, 32)
+        if tx % 32 == 0:
+            red[tx // 32] = acc[0]
+        T.tvm_storage_sync("shared")
+        out[0] = T.float32(0)
+        for w in T.unroll(warps):
+            out[0] = out[0] + red[w]
+
+    return block_sum
+
+
 RMS_LANES = 8  # elements per thread in the one-row RMSNorm: one 16-byte load of float16
 
 
@@ -131,6 +152,7 @@ def rms_norm_row_func(h: int, eps: float, dtype: str, residual: bool = False) ->
     from tvm.script import tirx as T
 
     lanes = RMS_LANES
+    block_sum = _block_sum_macro()
     threads = -(-(h // lanes) // 32) * 32  # whole warps; threads past the row hold zeros
     warps = threads // 32
     inv_h = 1.0 / h
@@ -160,14 +182,7 @@ def rms_norm_row_func(h: int, eps: float, dtype: str, residual: bool = False) ->
             acc[0] = T.float32(0)
             for e in T.unroll(lanes):
                 acc[0] = acc[0] + T.Cast("float32", xv[e]) * T.Cast("float32", xv[e])
-            for st in T.unroll(5):
-                acc[0] = acc[0] + T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), acc[0], 1 << st, 32, 32)
-            if tx % 32 == 0:
-                red[tx // 32] = acc[0]
-            T.tvm_storage_sync("shared")
-            acc[0] = T.float32(0)
-            for i in T.unroll(warps):
-                acc[0] = acc[0] + red[i]
+            block_sum(acc, acc, red, tx, warps)
             acc[0] = T.rsqrt(acc[0] * T.float32(inv_h) + T.float32(eps))
             for e in T.unroll(lanes):  # (scalar math: TVM 0.27 prints float32x8 wrongly)
                 xv[e] = T.Cast(dtype, T.Cast("float32", xv[e]) * acc[0] * T.Cast("float32", wv[e]))
@@ -459,6 +474,7 @@ def decode_attention_funcs(max_len: int, num_q_heads: int, num_kv_heads: int, he
     if Lc % jg_n or dl_n > 32:
         raise ValueError(f"{Lc} rows per chunk do not split into {jg_n} row groups of <= 32 threads")
     team_steps = dl_n.bit_length() - 1
+    block_sum = _block_sum_macro()
     scale = 1.0 / math.sqrt(d)
     neg = -3.0e38
 
@@ -534,14 +550,7 @@ def decode_attention_funcs(max_len: int, num_q_heads: int, num_kv_heads: int, he
                     if r < Lc and j0 + r < n:
                         acc[0] = acc[0] + prob[r]
                 T.tvm_storage_sync("shared")
-                for st in T.unroll(5):  # the block's sum, the same way
-                    acc[0] = acc[0] + T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), acc[0], 1 << st, 32, 32)
-                if tx % 32 == 0:
-                    red[tx // 32] = acc[0]
-                T.tvm_storage_sync("shared")
-                val[0] = T.float32(0)
-                for w in T.unroll(warps):
-                    val[0] = val[0] + red[w]
+                block_sum(acc, val, red, tx, warps)  # the block's sum
                 # 3. o = sum p v over the chunk's rows (their values loaded in step 1; a row
                 #    past the position has p = 0), summed over the row groups.
                 for e in T.vectorized(lanes):

@@ -311,6 +311,16 @@ def _padded_groups(groups: int) -> tuple[int, object]:
     return padded, (lambda g: g) if padded == groups else (lambda g: tirx.min(g, groups - 1))
 
 
+def _group_layout(x, q_weight, name: str):
+    """What both GPU forms need of a linear's shapes: the output shape ``(b, s, n)``, the group
+    size, words per group, the real and padded group counts and the padded-to-real map."""
+    gs = get_scheme(name).group_size
+    b, s, k_dim = x.shape
+    groups = int(k_dim) // gs
+    padded, real = _padded_groups(groups)
+    return (b, s, q_weight.shape[0]), gs, gs // ELEMS_PER_WORD, groups, padded, real
+
+
 def _scaled_group_sum(gsum, q_scale, groups: int, padded: int, real, out_dtype: str):
     """``y[j] = sum_g scale[j, g] * group_sum[j, g]`` over the padded groups (a padded group's
     scale is zero), cast to the activation dtype."""
@@ -339,14 +349,8 @@ def te_linear_group_sums(x, weights, name: str, out_dtype: str):
     GPU that is what lets the GEMV keep up with the memory (notebook 06)."""
     from tvm import te
 
-    scheme = get_scheme(name)
     q_weight, q_scale = weights
-    b, s, k_dim = x.shape
-    n = q_weight.shape[0]
-    gs = scheme.group_size
-    words_per_group = gs // ELEMS_PER_WORD
-    groups = int(k_dim) // gs
-    padded, real = _padded_groups(groups)
+    (b, s, n), gs, words_per_group, groups, padded, real = _group_layout(x, q_weight, name)
     e = te.reduce_axis((0, gs), name="e")
 
     def q_minus_7(j, g, el):
@@ -442,14 +446,8 @@ def te_linear_half2_sums(x, weights, name: str, out_dtype: str):
     float16 tolerance."""
     from tvm import te, tirx
 
-    scheme = get_scheme(name)
     q_weight, q_scale = weights
-    b, s, k_dim = x.shape
-    n = q_weight.shape[0]
-    gs = scheme.group_size
-    words_per_group = gs // ELEMS_PER_WORD
-    groups = int(k_dim) // gs
-    padded, real = _padded_groups(groups)
+    (b, s, n), gs, words_per_group, groups, padded, real = _group_layout(x, q_weight, name)
 
     def group_dot(i, t, j, g):
         words = [q_weight[j, real(g) * words_per_group + w] for w in range(words_per_group)]

@@ -159,28 +159,6 @@ def gpu_info() -> dict:
     return info
 
 
-def copy_bandwidth(nbytes: int = 2**30, reps: int = 20) -> float:
-    """Device-to-device copy through PyTorch, GB/s counting bytes read plus written."""
-    import torch
-
-    x = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_(0, 255)
-    y = torch.empty_like(x)
-    for _ in range(3):
-        y.copy_(x)
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        y.copy_(x)
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    times.sort()
-    del x, y
-    torch.cuda.empty_cache()
-    return 2 * nbytes / times[len(times) // 2] / 1e9
-
-
 def tiny_correctness(carry: Path, manifest: dict, steps: int = 20) -> list[dict]:
     import numpy as np
 
@@ -672,6 +650,7 @@ def main(argv=None) -> int:
     info = gpu_info()
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
+    from mlc_course.gemv_bench import copy_bandwidth
     from mlc_course.gpu import cuda_device_count
 
     info["gpus"] = cuda_device_count()
