@@ -103,6 +103,11 @@ class CudaGraphDecoder:
                 self.greedy_fn(out[0], self.ids, self.pos)
             return out
 
+    def _set_inputs(self, token: int, pos: int) -> None:
+        """The next replay's token and position, into the device buffers the graph reads."""
+        self.ids.copyfrom(np.array([[token]], dtype="int32"))
+        self.pos.copyfrom(np.array([pos], dtype="int32"))
+
     def _sync(self) -> None:
         _check(self.rt.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
 
@@ -127,13 +132,11 @@ class CudaGraphDecoder:
         """Append ``token`` at position ``pos``; the logits as a device tensor (complete: the
         stream has been synchronised). Captures the graph on the first call."""
         self._sync()
-        self.ids.copyfrom(np.array([[token]], dtype="int32"))
-        self.pos.copyfrom(np.array([pos], dtype="int32"))
+        self._set_inputs(token, pos)
         if self.graph_exec is None:
             self._capture()
             # the warm-up call's greedy_next moved the inputs on: set them again
-            self.ids.copyfrom(np.array([[token]], dtype="int32"))
-            self.pos.copyfrom(np.array([pos], dtype="int32"))
+            self._set_inputs(token, pos)
         _check(self.rt.cudaGraphLaunch(self.graph_exec, self.stream), "cudaGraphLaunch")
         self._sync()
         return self.logits
@@ -151,8 +154,7 @@ class CudaGraphDecoder:
         if count < 1:
             return
         if self.graph_exec is None:
-            self.ids.copyfrom(np.array([[token]], dtype="int32"))
-            self.pos.copyfrom(np.array([pos], dtype="int32"))
+            self._set_inputs(token, pos)
             self._capture()  # (its two calls moved ids and pos on: set them again below)
         if self._host is None:
             host = ctypes.c_void_p()
@@ -164,8 +166,7 @@ class CudaGraphDecoder:
                 _check(self.rt.cudaEventCreateWithFlags(ctypes.byref(ev), 2), "cudaEventCreate")  # no timing
                 self._events.append(ev)
         self._sync()  # nothing of an earlier call still in flight on our stream
-        self.ids.copyfrom(np.array([[token]], dtype="int32"))
-        self.pos.copyfrom(np.array([pos], dtype="int32"))
+        self._set_inputs(token, pos)
         slots = (ctypes.c_int32 * 2).from_address(self._host.value)
         src = ctypes.c_void_p(self.ids.data_ptr())
 

@@ -21,6 +21,16 @@ RESULTS = Path(__file__).resolve().parent.parent / "data" / "results"
 COMMITTED = "gpu_h100x1.json"
 
 
+TIMING = f"CUDA events, weights rotated over copies > {ROTATE_BYTES / 50e6:.0f}x L2"
+
+
+def ladder_variants() -> list[dict]:
+    """The ladder's steps as the results files record them (name, description)."""
+    from .schedules import CUDA_GEMV_LADDER
+
+    return [{"name": v["name"], "description": v["description"]} for v in CUDA_GEMV_LADDER]
+
+
 def gemv_shapes(cfg) -> dict[str, tuple[int, int]]:
     """(n, k) of each decode GEMV of one layer of ``cfg`` and of its lm_head."""
     return {**{name: (int(n), int(k)) for name, (n, k) in cfg.linear_shapes_per_layer().items()},
@@ -151,8 +161,6 @@ def gemv_ladder(live: bool | None = None) -> dict:
     """The GEMV ladder's timings as ``gpu_run`` records them (``variants``, ``rows``, ...) plus
     ``source``: timed here and now when ``live`` (default: when :func:`gpu_here` finds a GPU),
     else the committed one-H100 run."""
-    from .schedules import CUDA_GEMV_LADDER
-
     gpu = gpu_here() if live is None or live else None
     if live and gpu is None:
         raise RuntimeError("no CUDA GPU usable by both TVM and PyTorch here; call gemv_ladder() "
@@ -164,8 +172,7 @@ def gemv_ladder(live: bool | None = None) -> dict:
         rows = time_gemv_ladder(lib, shapes, names)
         return {"model": "llama2-7b", "quantization": "q4f16_1", "torch": torch.__version__,
                 "copy_bandwidth_GBps": round(copy_bandwidth(), 1),
-                "timing": "CUDA events, weights rotated over copies > 4x L2",
-                "variants": [{"name": v["name"], "description": v["description"]} for v in CUDA_GEMV_LADDER],
+                "timing": TIMING, "variants": ladder_variants(),
                 "rows": rows, "gpu": gpu, "source": f"measured live on this machine's {gpu}"}
     doc = json.loads((RESULTS / COMMITTED).read_text())
     run = dict(doc["gemv"][0])

@@ -418,12 +418,11 @@ def qkv_rope_write_func(max_len: int, num_q_heads: int, num_kv_heads: int, head_
 DECODE_ATTENTION_CHUNK_ROWS = 32
 
 
-def decode_attention_chunks(max_len: int, num_q_heads: int, rows: int | None = None) -> int:
+def decode_attention_chunks(max_len: int) -> int:
     """How many chunks of cache rows the GPU decode attention splits each head into: chunks
-    of ``rows`` (:data:`DECODE_ATTENTION_CHUNK_ROWS`) rows where the cache's length splits
-    into them, else the fewest chunks of at least ``rows`` rows that split it evenly."""
-    rows = rows or DECODE_ATTENTION_CHUNK_ROWS
-    chunks = max(1, max_len // rows)
+    of :data:`DECODE_ATTENTION_CHUNK_ROWS` rows where the cache's length splits into them,
+    else the fewest chunks of at least that many rows that split it evenly."""
+    chunks = max(1, max_len // DECODE_ATTENTION_CHUNK_ROWS)
     while chunks > 1 and max_len % chunks:
         chunks -= 1
     return chunks
@@ -460,8 +459,8 @@ def decode_attention_funcs(max_len: int, num_q_heads: int, num_kv_heads: int, he
     from tvm.script import tirx as T
 
     hq, hkv, d, L = num_q_heads, num_kv_heads, head_dim, max_len
-    group, nh, lanes = hq // hkv, hq + 2 * hkv, 4
-    C = decode_attention_chunks(L, hq)
+    group, lanes = hq // hkv, 4
+    C = decode_attention_chunks(L)
     Lc = L // C
     threads = max(min(256, Lc), d, 32)
     if d % lanes or threads % (d // lanes) or threads & (threads - 1) or L % C:

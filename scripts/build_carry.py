@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -223,8 +222,7 @@ def build_gemv_library(out: Path, device: str, log, model: str = "llama2-7b",
     (:func:`mlc_course.gemv_bench.compile_gemv_ladder`), named ``gemv_<variant>_<linear>``, so
     that the GPU run times each kernel by itself next to PyTorch's int4 GEMV."""
     from mlc_course.compile import cuda_sources, get_target
-    from mlc_course.gemv_bench import compile_gemv_ladder
-    from mlc_course.schedules import CUDA_GEMV_LADDER
+    from mlc_course.gemv_bench import compile_gemv_ladder, ladder_variants
 
     arch = str(get_target(device).attrs["arch"])
     lib, shapes, names = compile_gemv_ladder(model, scheme, device)
@@ -237,7 +235,7 @@ def build_gemv_library(out: Path, device: str, log, model: str = "llama2-7b",
             nvcc_fatbin(src, arch, fb)
     log(f"{name}: {len(names) * len(shapes)} GEMV kernels ({model} {scheme})")
     return {"library": name, "model": model, "quantization": scheme,
-            "variants": [{"name": v["name"], "description": v["description"]} for v in CUDA_GEMV_LADDER],
+            "variants": ladder_variants(),
             "shapes": {k: list(v) for k, v in shapes.items()}}
 
 

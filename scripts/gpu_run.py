@@ -562,7 +562,7 @@ def gemv_peer(carry: Path, manifest: dict, bandwidth: float) -> list[dict]:
     import torch
     import tvm
 
-    from mlc_course.gemv_bench import ROTATE_BYTES, time_gemv_ladder
+    from mlc_course.gemv_bench import TIMING, time_gemv_ladder
 
     meta = manifest.get("gemv")
     if not meta:
@@ -574,7 +574,7 @@ def gemv_peer(carry: Path, manifest: dict, bandwidth: float) -> list[dict]:
         log(f"  GEMV {row['linear']:<13} {row['n']:>6}x{row['k']:<6} "
             + "  ".join(f"{k[:-5]} {v:.0f}" for k, v in row.items() if k.endswith("_GBps")) + " GB/s")
     return [{"model": meta["model"], "quantization": meta["quantization"], "copy_bandwidth_GBps": round(bandwidth, 1),
-             "torch": torch.__version__, "timing": f"CUDA events, weights rotated over copies > {ROTATE_BYTES / 50e6:.0f}x L2",
+             "torch": torch.__version__, "timing": TIMING,
              "variants": meta.get("variants", []), "rows": rows}]
 
 
