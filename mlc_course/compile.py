@@ -49,13 +49,29 @@ def cpu_target(num_cores: int | None = None):
 CUDA_TAGS = {"h100": "nvidia/nvidia-h100", "a100": "nvidia/nvidia-a100", "rtx4090": "nvidia/geforce-rtx-4090"}
 
 
+CUDA_TAG_OF_ARCH = {"sm_90a": "h100", "sm_80": "a100", "sm_89": "rtx4090"}
+
+
 def get_target(device: str = "cpu"):
-    """``cpu`` (this machine), ``cuda``/``h100`` (sm_90a), ``a100`` (sm_80), ``rtx4090`` (sm_89)."""
+    """``cpu`` (this machine); ``cuda``: this machine's GPU, or an H100 (sm_90a) where there is
+    none (compiling here for a GPU machine); ``h100`` (sm_90a), ``a100`` (sm_80), ``rtx4090``
+    (sm_89) by name."""
     import tvm
 
     if device == "cpu":
         return cpu_target()
-    key = "h100" if device == "cuda" else device
+    if device == "cuda":
+        from .gpu import local_arch
+
+        arch = local_arch()
+        if arch is not None and arch not in CUDA_TAG_OF_ARCH:
+            # another GPU: its arch and the limits every CUDA GPU since Volta shares
+            return tvm.target.Target({"kind": "cuda", "arch": arch, "max_num_threads": 1024,
+                                      "max_threads_per_block": 1024, "thread_warp_size": 32,
+                                      "max_shared_memory_per_block": 49152, "registers_per_block": 65536},
+                                     host=cpu_target())
+        device = CUDA_TAG_OF_ARCH.get(arch, "h100")
+    key = device
     if key not in CUDA_TAGS:
         raise ValueError(f"unknown device {device!r}; use cpu, cuda, or one of {', '.join(CUDA_TAGS)}")
     return tvm.target.Target(CUDA_TAGS[key], host=cpu_target())

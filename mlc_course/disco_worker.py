@@ -26,6 +26,19 @@ def _load_worker_params(folder: str, names_json: str, device: str):
     return [tvm.runtime.tensor(a, dev) for a in arrays]
 
 
+@register_global_func("mlc_course.random_worker_params", override=True)
+def _random_worker_params(params_json: str):
+    """This worker's shard as random arrays (``[name, shape, dtype]`` each, JSON), made here
+    and uploaded to this worker's GPU: the benchmarks' weights (:mod:`mlc_course.tp_bench`)."""
+    import tvm
+
+    from .tp_bench import random_params
+
+    rank = int(get_global_func("runtime.disco.worker_id")()[0])
+    dev = tvm.cuda(rank)
+    return [tvm.runtime.tensor(a, dev) for a in random_params(json.loads(params_json), seed=rank)]
+
+
 _DECODERS: dict = {}
 
 
@@ -80,6 +93,9 @@ def main() -> None:
     or the session is interrupted: both are the normal end of a worker, not errors."""
     from tvm.exec import disco_worker
 
+    from .gpu import use_nvcc_compiler
+
+    use_nvcc_compiler()  # on a GPU machine: this worker compiles the kernels it loads for its GPU
     try:
         disco_worker.main()
     except (OSError, KeyboardInterrupt):

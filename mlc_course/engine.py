@@ -126,6 +126,10 @@ class LocalRunner:
         if graph and (device == "cpu" or kv != "static"):
             raise EngineError("CUDA graphs need device='cuda' and a static-KV library (kv='static')")
         self.tvm, self.kv, self.graph = tvm, kv, graph
+        if device == "cuda":
+            from .gpu import use_nvcc_compiler
+
+            use_nvcc_compiler()  # kernels are compiled for this GPU as the library loads
         self.dev = tvm.cpu() if device == "cpu" else tvm.cuda(0)
         self.vm = VirtualMachine(tvm.runtime.load_module(str(lib_path)), self.dev)
         if arrays is None:
@@ -208,6 +212,10 @@ class DiscoRunner:
         if graph and (device == "cpu" or kv != "static"):
             raise EngineError("CUDA graphs need device='cuda' and a static-KV library (kv='static')")
         self.tvm, self.n, self.kv, self.graph = tvm, shards, kv, graph
+        if device == "cuda":
+            from .gpu import use_nvcc_compiler
+
+            use_nvcc_compiler()  # for worker 0, a thread of this process (the others: disco_worker)
         before = {p.pid for p in _worker_processes()} if session != "thread" else set()
         try:
             if session == "thread":

@@ -282,6 +282,38 @@ def plan(wheel: Path | None) -> list[str]:
     return files
 
 
+def pack_compiler(dest: Path, log) -> Path:
+    """``dest/libtvm_compiler.so.xz``: TVM's compiler library (260 MB; xz -9e: ~60 MB), the one
+    part of the wheel the runtime-only site lacks. It travels to a GPU machine in a call of its
+    own (with the site it would exceed 64 MiB), for ``scripts/gpu_live_check.py``: README, "GPU
+    runs". Kept when newer than the library."""
+    import lzma
+
+    src = next(p for p, _ in tvm_compiler_file())
+    out = dest / "libtvm_compiler.so.xz"
+    if out.exists() and out.stat().st_mtime > src.stat().st_mtime:
+        log(f"{out}: up to date")
+        return out
+    dest.mkdir(parents=True, exist_ok=True)
+    log(f"{out}: compressing {src.stat().st_size / 2**20:.0f} MiB (xz -9e, a few minutes)")
+    tmp = out.with_suffix(".tmp")
+    with open(src, "rb") as f, lzma.open(tmp, "wb", preset=9 | lzma.PRESET_EXTREME) as z:
+        shutil.copyfileobj(f, z, 1 << 24)
+    tmp.replace(out)
+    log(f"{out}: {out.stat().st_size / 2**20:.1f} MiB")
+    return out
+
+
+def tvm_compiler_file() -> list[tuple[Path, str]]:
+    """(path, path under site/) of libtvm_compiler.so in the installed wheel."""
+    import tvm
+
+    lib = Path(tvm.__file__).resolve().parent / "lib" / "libtvm_compiler.so"
+    if not lib.exists():
+        raise SystemExit(f"{lib} not found: the compiler archive needs the full apache-tvm wheel here")
+    return [(lib, "tvm/lib/libtvm_compiler.so")]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(ROOT / ".carry"))
@@ -290,9 +322,14 @@ def main(argv=None) -> int:
                     help="comma-separated preset:quantization pairs")
     ap.add_argument("--python-version", default="3.12", help="of the GPU machine's python")
     ap.add_argument("--dry-run", action="store_true", help="print the file list as JSON; build nothing")
+    ap.add_argument("--compiler", metavar="DIR", help="only pack TVM's compiler library into DIR (for "
+                    "scripts/gpu_live_check.py; e.g. .carry_compiler) and stop")
     args = ap.parse_args(argv)
     out = Path(args.out)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    if args.compiler:
+        pack_compiler(Path(args.compiler), log)
+        return 0
 
     wheels = wheel_cache()
     if args.dry_run:

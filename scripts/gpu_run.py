@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import glob
-import hashlib
 import json
 import os
 import platform
@@ -89,7 +88,6 @@ def setup_runtime(carry: Path, cuda: bool = True):
         ctypes.CDLL(cudart, mode=ctypes.RTLD_GLOBAL)
         log(f"cudart: {cudart}")
     import tvm
-    import tvm_ffi
     from tvm.base import _LOADED_LIBS
     from tvm_ffi.libinfo import load_lib_ctypes
 
@@ -102,45 +100,12 @@ def setup_runtime(carry: Path, cuda: bool = True):
     if cuda:
         if tvm.get_global_func("ffi.Module.load_from_bytes.cuda", allow_missing=True) is None:
             raise RuntimeError("libtvm_runtime_cuda.so loaded but registered no 'cuda' module loader")
-        tvm_ffi.register_global_func("tvm_callback_cuda_compile", make_cuda_compiler(carry), override=True)
+        from mlc_course.gpu import use_nvcc_compiler
+
+        if not use_nvcc_compiler(fatbin_dirs=[carry / "fatbin"]):
+            raise RuntimeError("no GPU arch from the driver: cannot register the CUDA compile callback")
     log(f"tvm {tvm.__version__} from {Path(tvm.__file__).parent} (runtime only: {tvm.base._RUNTIME_ONLY})")
     return tvm
-
-
-def cuda_arch() -> str:
-    import tvm
-
-    major, minor = tvm.cuda(0).compute_version.split(".")
-    return f"sm_{major}{minor}" + ("a" if int(major) >= 9 else "")
-
-
-COMPILE_LOG: list[dict] = []
-
-
-def make_cuda_compiler(carry: Path):
-    """``tvm_callback_cuda_compile``: TVM 0.27 keeps kernels as CUDA C++ in the library and
-    calls this when it is loaded. A fatbin built beforehand (build_carry, keyed by the
-    source's sha256) is used when present, else nvcc compiles it here and caches it."""
-    cache = Path(os.environ.get("MLC_COURSE_FATBIN_CACHE", "/tmp/mlc_course_fatbin"))
-
-    def compile_cuda(code: str) -> bytes:
-        digest = hashlib.sha256(code.encode()).hexdigest()
-        for folder in (carry / "fatbin", cache):
-            f = folder / f"{digest}.fatbin"
-            if f.exists():
-                COMPILE_LOG.append({"sha256": digest[:16], "from": "carried" if folder != cache else "cache"})
-                return f.read_bytes()
-        cache.mkdir(parents=True, exist_ok=True)
-        arch = cuda_arch()
-        cu, out = cache / f"{digest}.cu", cache / f"{digest}.fatbin"
-        cu.write_text(code)
-        t0 = time.time()
-        subprocess.run(["nvcc", "-w", "-O3", "-fatbin", f"-gencode=arch=compute_{arch[3:]},code={arch}",
-                        "-o", str(out), str(cu)], check=True)
-        COMPILE_LOG.append({"sha256": digest[:16], "from": f"nvcc {arch}", "s": round(time.time() - t0, 1)})
-        return out.read_bytes()
-
-    return compile_cuda
 
 
 # ----------------------------------------------------------------------------- stages
@@ -230,72 +195,17 @@ def tiny_correctness(carry: Path, manifest: dict, steps: int = 20) -> list[dict]
     return out
 
 
-def random_params(params: list, seed: int = 0):
-    """Random arrays with the stored shapes: 4-bit words uniform over all nibbles, float16
-    scales in [0.002, 0.004] (weights of std ~0.014), norms 1. Yielded one at a time; arrays
-    of the same name pattern and shape are made once and reused (every layer of a 70B model
-    gets the same random layer: speed does not depend on the values, and making 35 GB of
-    random numbers on the host would take longer than the benchmark)."""
-    import re
-
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    made: dict = {}
-    for name, shape, dtype in params:
-        key = (re.sub(r"\d+", "#", name), tuple(shape), dtype)
-        if key in made:
-            yield made[key]
-            continue
-        n = int(np.prod(shape))
-        if dtype == "uint32":
-            a = np.frombuffer(rng.bytes(4 * n), dtype=np.uint32).reshape(shape)
-        elif name.endswith("q_scale"):
-            a = rng.uniform(0.002, 0.004, size=shape).astype(dtype)
-        elif "norm" in name:
-            a = np.ones(shape, dtype=dtype)
-        else:
-            a = (0.014 * rng.standard_normal(size=shape)).astype(dtype)
-        made[key] = a
-        yield a
-
-
-def register_worker_functions() -> None:
-    """Worker-side functions of this script (each disco worker process, and the controller,
-    whose thread is worker 0): ``mlc_course.random_worker_params``."""
-    from tvm_ffi import get_global_func, register_global_func
-
-    @register_global_func("mlc_course.random_worker_params", override=True)
-    def _random_worker_params(params_json: str):
-        import tvm
-
-        rank = int(get_global_func("runtime.disco.worker_id")()[0])
-        dev = tvm.cuda(rank)
-        return [tvm.runtime.tensor(a, dev) for a in random_params(json.loads(params_json), seed=rank)]
-
-
-def speed_record(eng, cfg, scheme: str, meta: dict, lib: str, bandwidth: float, prompt_len: int,
-                 new_tokens: int, runs: int, deadline: float, graph: bool, profile: bool,
-                 load_s: float) -> dict:
+def speed_record(eng, meta: dict, lib: str, bandwidth: float, prompt_len: int, new_tokens: int,
+                 runs: int, deadline: float, graph: bool, profile: bool, load_s: float) -> dict:
     """Time greedy generation (``runs`` times ``new_tokens`` after a ``prompt_len`` prompt)
-    and return one decode record."""
-    import numpy as np
+    and return one decode record (:func:`mlc_course.tp_bench.decode_record`), with the
+    single-GPU graph's kernel trace or the kernel profile without graphs."""
+    from mlc_course.tp_bench import decode_record, time_decode
 
-    shards = eng.shards
-    prompt = [int(x) for x in np.random.default_rng(1).integers(0, cfg.vocab_size, prompt_len)]
-    t0 = time.time()
-    eng.generate(prompt, max_new_tokens=4, stop_ids=())  # warm-up: kernels loaded, graph captured
-    log(f"  warm-up {time.time() - t0:.1f} s")
-    results = []
-    for r in range(runs):
-        res = eng.generate(prompt, max_new_tokens=new_tokens + 1, stop_ids=())
-        results.append(res)
-        log(f"  run {r}: prefill {res.prefill_tok_per_s:.1f} tok/s, decode {res.decode_tok_per_s:.2f} tok/s")
-        if time.time() > deadline:
-            break
+    results, prompt = time_decode(eng, prompt_len, new_tokens, runs, deadline, log)
     kernels = None
     trace = None
-    if graph and shards == 1 and time.time() < deadline:
+    if graph and eng.shards == 1 and time.time() < deadline:
         trace = gpu_kernel_trace(eng, prompt)
         if trace:
             log(f"  GPU kernels: {trace['kernel_us_per_token']:.0f} us per token of a "
@@ -309,36 +219,10 @@ def speed_record(eng, cfg, scheme: str, meta: dict, lib: str, bandwidth: float, 
         kernels = kernel_profile(eng, prompt)
         for k in kernels["top"][:8]:
             log(f"    {k['kernel']:<40s} {k['us_per_token']:8.1f} us/token  {k['GBps']:7.0f} GB/s")
-    decode = sorted(x.decode_tok_per_s for x in results)[len(results) // 2]
-    on_device = bool(getattr(getattr(eng, "runner", None), "can_greedy", lambda: False)())
-    bpt = cfg.bytes_per_token(scheme)
-    # each of n GPUs reads 1/n of the weights, in parallel: the ceiling scales with n
-    ceiling = shards * bandwidth * 1e9 / bpt if bandwidth else None
-    ctx = prompt_len + new_tokens / 2
-    kv = meta.get("kv", "dynamic")
-    detail = {("static", True): "static KV cache, whole decode step replayed as one CUDA graph",
-              ("static", False): "static KV cache, no CUDA graph",
-              ("dynamic", True): "dynamic KV cache (nn.KVCache), Relax RewriteCUDAGraph",
-              ("dynamic", False): "dynamic KV cache (nn.KVCache), no CUDA graph"}[kv, graph]
-    return {
-        "model": cfg.name, "weights": "random (generated on the GPU machine)",
-        "quantization": scheme, "shards": shards, "gemv": meta.get("gemv", "dlight"),
-        "decode_tok_per_s": round(decode, 2), "decode_tok_per_s_runs": [round(x.decode_tok_per_s, 2) for x in results],
-        "prefill_tok_per_s": round(results[0].prefill_tok_per_s, 1), "prompt_tokens": prompt_len,
-        "new_tokens": new_tokens, "bytes_per_token": bpt,
-        "kv_bytes_per_token_mean": cfg.kv_bytes_per_token(int(ctx)),
-        "bandwidth_GBps": round(bandwidth, 1) if bandwidth else None,
-        "ceiling_tok_per_s": round(ceiling, 1) if ceiling else None,
-        "fraction_of_ceiling": round(decode / ceiling, 4) if ceiling else None,
-        "kv": kv, "cuda_graph": graph, "pdl": bool(meta.get("pdl", False)),
-        "sampling": "argmax on the GPU, in the graph" if on_device else "argmax on the host",
-        "engine": "mlc_course",
-        "engine_detail": f"TVM 0.27 runtime, {meta.get('gemv', 'dlight')} GEMV schedule, {detail}"
-                         + (", programmatic dependent launch" if meta.get("pdl") else "")
-                         + (", greedy token chosen on the GPU" if on_device else "")
-                         + (f", {shards} GPUs (disco + NCCL)" if shards > 1 else ""),
-        "library": lib, "load_s": round(load_s, 1),
-        **({"kernels": kernels} if kernels else {}), **({"gpu_kernels": trace} if trace else {})}
+    rec = decode_record(eng, results, bandwidth, prompt_len, new_tokens, gemv=meta.get("gemv", "dlight"),
+                        pdl=bool(meta.get("pdl", False)), graph=graph)
+    return {**rec, "library": lib, "load_s": round(load_s, 1),
+            **({"kernels": kernels} if kernels else {}), **({"gpu_kernels": trace} if trace else {})}
 
 
 def gpu_kernel_trace(eng, prompt: list[int], steps: int = 32) -> dict | None:
@@ -420,16 +304,14 @@ def llama_speed(carry: Path, manifest: dict, bandwidth: float, prompt_len: int, 
     """Every single-GPU Llama-shape library: static-KV ones replayed as CUDA graphs; the
     7B q4f16_1 static one (course GEMV) also without graphs, with its kernel profile (what the
     graph removes)."""
-    from mlc_course.engine import Engine
+    from mlc_course.tp_bench import random_weight_engine
 
     for lib, meta, cfg, scheme, kv in llama_libraries(manifest, 1, deadline):
         modes = [kv == "static" or bool(meta.get("cuda_graph"))]
         if kv == "static" and cfg.name == "llama2-7b" and scheme == "q4f16_1" and meta.get("gemv") == "course":
             modes.append(False)
         t0 = time.time()
-        arrays = random_params(meta["params"])
-        eng = Engine.from_compiled(carry / "lib" / lib, cfg, arrays, scheme, "cuda", quiet=True,
-                                   kv=kv, graph=modes[0] and kv == "static")
+        eng = random_weight_engine(carry / "lib" / lib, cfg, scheme, 1, meta["params"], kv=kv, graph=modes[0])
         load_s = time.time() - t0
         log(f"{lib}: library + random weights on the GPU in {load_s:.1f} s")
         try:
@@ -439,12 +321,12 @@ def llama_speed(carry: Path, manifest: dict, bandwidth: float, prompt_len: int, 
                     if not graph and eng.runner.decoder is not None:
                         eng.runner.decoder.close()
                         eng.runner.decoder = None
-                sink.append(speed_record(eng, cfg, scheme, meta, lib, bandwidth, prompt_len, new_tokens,
-                                         runs, deadline, graph=graph, profile=not graph, load_s=load_s))
+                sink.append(speed_record(eng, meta, lib, bandwidth, prompt_len, new_tokens, runs, deadline,
+                                         graph=graph, profile=not graph, load_s=load_s))
                 save()
         finally:
             eng.close()
-            del eng, arrays
+            del eng
             import gc
 
             gc.collect()
@@ -456,7 +338,8 @@ def tp_setup(carry: Path) -> str:
     os.environ["MLC_NCCL_CCL_LIBRARY"] = str(carry / "libmlc_ccl_nccl.so")
     os.environ["NCCL_NVLS_ENABLE"] = "0"
     os.environ["PYTHONPATH"] = os.pathsep.join([str(carry / "site"), str(ROOT), os.environ.get("PYTHONPATH", "")])
-    register_worker_functions()
+    from mlc_course import disco_worker  # noqa: F401  (worker 0's functions: mlc_course.random_worker_params & co.)
+
     return "scripts.gpu_tp_worker"
 
 
@@ -466,25 +349,23 @@ def tp_speed(carry: Path, manifest: dict, bandwidth: float, prompt_len: int, new
     """Every ``shards``-shard Llama-shape library on that many GPUs: disco workers, NCCL
     all-reduces, random weights made by each worker, each worker replaying its decode step as
     a CUDA graph."""
-    from mlc_course.engine import DiscoRunner, Engine
+    from mlc_course.tp_bench import random_weight_engine
 
     entry = tp_setup(carry)
     for lib, meta, cfg, scheme, kv in llama_libraries(manifest, shards, deadline):
         graph = graph and kv == "static"
         t0 = time.time()
-        runner = DiscoRunner(carry / "lib" / lib, None, [], "cuda", shards, kv=kv, graph=graph,
-                             params=lambda sess, m=meta: sess.get_global_func("mlc_course.random_worker_params")(
-                                 json.dumps(m["params"])), entrypoint=entry)
-        eng = Engine.from_runner(runner, cfg, scheme, "cuda", quiet=True, kv=kv, shards=shards)
+        eng = random_weight_engine(carry / "lib" / lib, cfg, scheme, shards, meta["params"], kv=kv, graph=graph,
+                                   entrypoint=entry)
         load_s = time.time() - t0
         log(f"{lib}: {shards} workers, library + random weights on {shards} GPUs in {load_s:.1f} s")
         try:
-            sink.append(speed_record(eng, cfg, scheme, meta, lib, bandwidth, prompt_len, new_tokens,
-                                     runs, deadline, graph=graph, profile=False, load_s=load_s))
+            sink.append(speed_record(eng, meta, lib, bandwidth, prompt_len, new_tokens, runs, deadline,
+                                     graph=graph, profile=False, load_s=load_s))
             save()
         finally:
             eng.close()
-            del eng, runner
+            del eng
             import gc
 
             gc.collect()
@@ -497,6 +378,7 @@ def tiny_tp(carry: Path, manifest: dict, steps: int = 16, graph: bool = True) ->
 
     from mlc_course.config import LlamaConfig
     from mlc_course.engine import DiscoRunner, Engine
+    from mlc_course.tp_bench import compare_tp
 
     entry = tp_setup(carry)
     libs = manifest["libraries"]
@@ -518,26 +400,7 @@ def tiny_tp(carry: Path, manifest: dict, steps: int = 16, graph: bool = True) ->
             r2 = DiscoRunner(carry / "lib" / lib2, carry / meta2["params_file"], names, "cuda", 2, kv=kv,
                              graph=graph, entrypoint=entry)
             e2 = Engine.from_runner(r2, cfg, scheme, "cuda", quiet=True, kv=kv, shards=2)
-            prompt = [1, 17, 42, 99, 200, 3, 64, 128]
-            l1, l2 = e1.prefill(prompt), e2.prefill(prompt)
-            diffs, scale, tok1, tok2 = [float(np.abs(l1 - l2).max())], [float(np.abs(l1).max())], [], []
-            for _ in range(steps):
-                t = int(np.argmax(l1))
-                tok1.append(t)
-                tok2.append(int(np.argmax(l2)))
-                l1, l2 = e1.decode(t), e2.decode(t)  # both follow the 1-GPU tokens
-                diffs.append(float(np.abs(l1 - l2).max()))
-                scale.append(float(np.abs(l1).max()))
-            tol = 1e-4 if scheme in ("q0f32", "q4f32_1") else 2e-2
-            rel = max(d / max(sc, 1e-6) for d, sc in zip(diffs, scale))
-            # greedy with the argmax on the GPUs (in every worker's graph) against the host's
-            e2.reset()
-            dev2 = list(e2.generate(prompt, max_new_tokens=steps, stop_ids=()).output_ids)
-            rec.update(max_abs_diff=max(diffs), max_rel_diff=rel, tolerance_rel=tol, tokens_tp1=tok1,
-                       tokens_tp2=tok2, same_tokens=tok1 == tok2,
-                       greedy_on_device=bool(getattr(e2.runner, "can_greedy", lambda: False)()),
-                       tokens_tp2_device_greedy=dev2,
-                       ok=bool(rel <= tol and tok1 == tok2 and dev2 == tok2))
+            rec.update(compare_tp(e1, e2, steps))  # greedy on the GPUs too (in every worker's graph)
         except Exception as e:  # noqa: BLE001
             import traceback
 
@@ -704,6 +567,8 @@ def main(argv=None) -> int:
             doc["correctness"] = stage("tiny", lambda: tiny_correctness(carry, manifest), 60) or []
         if "gemv" not in skip:
             doc["gemv"] = stage("gemv", lambda: gemv_peer(carry, manifest, bandwidth), 60) or []
+        from mlc_course.gpu import COMPILE_LOG
+
         doc["cuda_compile"] = COMPILE_LOG
     seven = next((m for m in manifest["libraries"].values() if m["model"] == "llama2-7b"), None)
     if "peer" not in skip and seven and time.time() < deadline:

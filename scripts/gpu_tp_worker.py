@@ -23,10 +23,8 @@ def main() -> None:
 
     # MLC_TP_CUDA=0: no CUDA runtime (a CPU smoke test of this set-up without a GPU)
     setup_runtime(Path(os.environ["MLC_TP_CARRY"]), cuda=os.environ.get("MLC_TP_CUDA", "1") != "0")
-    from mlc_course import disco_worker  # registers mlc_course.load_worker_params & co.
-    from scripts.gpu_run import register_worker_functions
+    from mlc_course import disco_worker  # registers mlc_course.load_worker_params, random_worker_params & co.
 
-    register_worker_functions()  # random weights made on each worker's GPU
     disco_worker.main()
 
 
