@@ -10,6 +10,7 @@ same on a lent GPU machine and records the numbers).
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -20,6 +21,8 @@ import pytest
 from mlc_course import ccl
 from mlc_course.gpu import cuda_device_count
 
+ONESHOT_FUNCS = ("configure_oneshot", "debug_allreduce_path", "debug_set_allreduce_path",
+                 "oneshot_source", "oneshot_compile", "oneshot_eligible", "oneshot_plan")
 CONTRACT = ("init_ccl", "init_ccl_per_worker", "allreduce", "allgather", "broadcast_from_worker0",
             "scatter_from_worker0", "gather_to_worker0", "recv_from_worker0", "send_to_worker",
             "recv_from_worker", "send_to_next_group", "recv_from_prev_group", "sync_worker")
@@ -68,7 +71,7 @@ def test_registers_the_ccl_contract(plugin):
     missing = [op for op in CONTRACT if f"runtime.disco.{ccl.NCCL_CCL_NAME}.{op}" not in names]
     assert not missing
     for helper in ("configure", "library_info", "built_with_headers", "worker_info",
-                   "debug_bench_allreduce"):
+                   "debug_bench_allreduce", *ONESHOT_FUNCS):
         assert f"runtime.disco.{ccl.NCCL_CCL_NAME}.{helper}" in names
     built_with = bool(tvm.get_global_func(f"runtime.disco.{ccl.NCCL_CCL_NAME}.built_with_headers")())
     info = ccl.nccl_build_info()
@@ -140,6 +143,190 @@ def test_refuses_without_gpus_before_touching_workers():
     with pytest.raises(NotImplementedError, match="NCCL"):  # what init_ccl's callers catch
         ccl.init_ccl(sess, 2, "cuda")
     sess.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------
+# The one-shot all-reduce (nccl.cc, "One-shot all-reduce"): what can be checked without a GPU
+# ---------------------------------------------------------------------------------------------
+
+def _plugin_func(name):
+    import tvm
+
+    ccl.load_nccl_ccl()
+    return tvm.get_global_func(f"runtime.disco.{ccl.NCCL_CCL_NAME}.{name}")
+
+
+def test_oneshot_takes_only_small_float_sums(plugin):
+    from tvm_ffi import dtype
+
+    eligible = _plugin_func("oneshot_eligible")
+    cap = 256 << 10
+    for dt, nbytes in (("float16", 2), ("float16", 16384), ("bfloat16", 14), ("float32", 4),
+                       ("float16", cap)):
+        assert str(eligible(0, dtype(dt), nbytes, cap)) == "", (dt, nbytes)
+    for kind in (1, 2, 3, 4):  # prod, min, max, avg go to NCCL
+        assert "not sum" in str(eligible(kind, dtype("float16"), 16384, cap))
+    for dt in ("int32", "float64", "int8", "float16x2", "uint16"):
+        assert "dtype" in str(eligible(0, dtype(dt), 64, cap)), dt
+    assert "max_bytes" in str(eligible(0, dtype("float16"), cap + 2, cap))
+    assert str(eligible(0, dtype("float32"), 0, cap)) == "empty"
+
+
+@pytest.mark.parametrize("nranks", [2, 4, 8])
+def test_oneshot_plan_keeps_chunk_ownership_fixed(plugin, nranks):
+    """Chunk c (16 bytes) must belong to block (c // threads) % max_blocks in every call, whatever
+    its size: that is what makes reusing the double buffer safe across mixed sizes."""
+    plan = _plugin_func("oneshot_plan")
+    cap = 256 << 10
+    sizes = [2, 14, 16, 18, 8190, 8192, 8194, 16384, 65536, 131070, cap]
+    layouts = set()
+    for nbytes in sizes:
+        blocks, threads, max_blocks, slot, flags_off, data_off, total = map(int, plan(nbytes, nranks, cap))
+        layouts.add((max_blocks, slot, flags_off, data_off, total))
+        chunks = -(-nbytes // 16)
+        assert threads == 512 and 1 <= blocks <= max_blocks
+        # no loop unless the grid is the full max_blocks (then c -> (c // threads) % max_blocks)
+        assert blocks * threads >= chunks or blocks == max_blocks
+        assert blocks == min(max_blocks, -(-chunks // threads))
+    (max_blocks, slot, flags_off, data_off, total), = layouts  # one layout for every size
+    assert slot == cap and slot % 16 == 0
+    assert max_blocks == 32  # 256 KiB = 32 blocks x 512 threads x 16 bytes: one chunk each
+    assert flags_off >= 256 and flags_off + 8 * max_blocks * 8 <= data_off and data_off % 256 == 0
+    assert total == data_off + 2 * nranks * slot
+    # odd capacities round up to whole chunks; huge ones cap the grid and loop
+    assert int(plan(2, nranks, 1000)[3]) == 1008
+    big = list(map(int, plan(4 << 20, nranks, 4 << 20)))
+    assert big[0] == big[2] == 64
+
+
+def test_oneshot_struct_layout_matches_the_kernel(plugin):
+    """The host mirror (nccl.cc) and the kernel's MlcOneshotArgs assert the same layout."""
+    import re
+    from pathlib import Path
+
+    src = ccl.oneshot_source()
+    host = (Path(ccl.__file__).parent / "nccl.cc").read_text()
+    host = host.replace(src, "")  # the host part only
+    dev_size = re.findall(r"sizeof\(MlcOneshotArgs\) == (\d+)", src)
+    host_size = re.findall(r"sizeof\(OneShotArgs\) == (\d+)", host)
+    assert dev_size and dev_size == host_size
+    dev_off = dict(re.findall(r"__builtin_offsetof\(MlcOneshotArgs, (\w+)\) == (\d+)", src))
+    host_off = dict(re.findall(r"offsetof\(OneShotArgs, (\w+)\) == (\d+)", host))
+    assert len(dev_off) >= 7 and dev_off == host_off
+    # the constants the host plans with are the kernel's
+    assert "#define MLC_OS_THREADS 512" in src and "kOneShotThreads = 512" in host
+    assert "#define MLC_OS_MAX_RANKS 8" in src and "kOneShotMaxRanks = 8" in host
+    for name in ("mlc_oneshot_allreduce_f16", "mlc_oneshot_allreduce_bf16", "mlc_oneshot_allreduce_f32"):
+        assert f"mlc_oneshot_allreduce_{name.rsplit('_', 1)[1]}(const MlcOneshotArgs a)" in src
+        assert f'"{name}"' in host
+
+
+def _nvcc():
+    import shutil
+
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc is not on PATH (the CUDA toolkit compiles the one-shot kernel)")
+    return nvcc
+
+
+@pytest.mark.parametrize("arch", ["sm_90a", "sm_80"])
+def test_oneshot_kernel_compiles_with_nvcc(plugin, tmp_path, arch):
+    nvcc = _nvcc()
+    cu = tmp_path / "oneshot.cu"
+    cu.write_text(ccl.oneshot_source())
+    r = subprocess.run([nvcc, f"-arch={arch}", "-cubin", "-Xptxas", "-v", "-o",
+                        str(tmp_path / "oneshot.cubin"), str(cu)], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    log = r.stdout + r.stderr
+    for dt in ("f16", "bf16", "f32"):
+        assert f"mlc_oneshot_allreduce_{dt}" in log
+    assert "spill stores" in log and " 0 bytes spill stores" in log
+    assert "bytes spill stores" not in log.replace(" 0 bytes spill stores", "")
+    assert (tmp_path / "oneshot.cubin").stat().st_size > 1000
+
+
+def test_oneshot_ptx_is_exact_under_fast_math(plugin, tmp_path):
+    """TVM's own callback compiles with --use_fast_math: the sums must still neither flush
+    denormals nor fuse, and the flag/data accesses must keep their ordering and cache flags."""
+    nvcc = _nvcc()
+    cu = tmp_path / "oneshot.cu"
+    cu.write_text(ccl.oneshot_source())
+    ptx = tmp_path / "oneshot.ptx"
+    r = subprocess.run([nvcc, "-arch=sm_90a", "-ptx", "-O3", "--use_fast_math", "-o", str(ptx), str(cu)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    text = ptx.read_text()
+    assert "add.rn.f32" in text and "add.ftz" not in text and "fma" not in text
+    for needed in ("ld.acquire.sys.global.u64", "st.release.sys.global.u64", "fence.acq_rel.sys",
+                   "%globaltimer", "ld.global.cg.v4.u32", "cvt.rn.f16.f32", "cvt.rn.bf16.f32"):
+        assert needed in text, needed
+    assert "multimem" not in text  # never multicast (NVLS stays off)
+
+
+def test_oneshot_compiles_through_tvm_callback(plugin, tmp_path):
+    """init compiles the kernel with tvm_callback_cuda_compile in the controller; a missing or
+    failing callback leaves NCCL in charge, with the reason."""
+    _nvcc()
+    r = _run(f"""
+        import json, subprocess, tvm, tvm_ffi
+        from mlc_course import ccl
+        ccl.load_nccl_ccl()
+        compile_ = tvm.get_global_func("runtime.disco.mlc_nccl.oneshot_compile")
+        if tvm_ffi.get_global_func("tvm_callback_cuda_compile", allow_missing=True) is not None:
+            tvm_ffi.registry.remove_global_func("tvm_callback_cuda_compile")
+        print("MISSING", compile_())
+
+        @tvm_ffi.register_global_func("tvm_callback_cuda_compile", override=True)
+        def broken(code):
+            raise RuntimeError("nvcc exploded")
+        print("BROKEN", compile_())
+
+        seen = []
+        @tvm_ffi.register_global_func("tvm_callback_cuda_compile", override=True)
+        def nvcc(code):
+            seen.append(code)
+            open({str(tmp_path / 'k.cu')!r}, "w").write(code)
+            subprocess.run(["nvcc", "-arch=sm_90a", "-cubin", "-o", {str(tmp_path / 'k.cubin')!r},
+                            {str(tmp_path / 'k.cu')!r}], check=True)
+            return open({str(tmp_path / 'k.cubin')!r}, "rb").read()
+        print("OK", compile_())
+        print("SAME_SOURCE", seen == [ccl.oneshot_source()])
+        print("CACHED", compile_(), len(seen))
+        """)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = dict(line.split(" ", 1) for line in r.stdout.splitlines() if " " in line)
+    missing, broken, ok = (json.loads(out[k]) for k in ("MISSING", "BROKEN", "OK"))
+    assert missing["bytes"] == 0 and "not registered" in missing["note"]
+    assert broken["bytes"] == 0 and "nvcc exploded" in broken["note"]
+    assert ok["bytes"] > 1000 and "tvm_callback_cuda_compile" in ok["note"]
+    assert out["SAME_SOURCE"] == "True"
+    assert out["CACHED"].endswith(" 1")  # compiled once per process
+
+
+def test_path_helpers_talk_to_every_worker(monkeypatch):
+    calls = []
+
+    class Ref:
+        def __init__(self, args):
+            self.args = args
+
+        def debug_get_from_remote(self, w):
+            return json.dumps({"worker": w, "args": list(self.args)})
+
+    class FakeSession:
+        num_workers = 3
+
+        def get_global_func(self, name):
+            return lambda *a: calls.append((name, a)) or Ref(a)
+
+    assert ccl.allreduce_path(FakeSession()) == {"worker": 0, "args": []}
+    assert [d["worker"] for d in ccl.allreduce_path(FakeSession(), worker=None)] == [0, 1, 2]
+    got = ccl.set_allreduce_path(FakeSession(), "nccl")
+    assert [d["args"] for d in got] == [["nccl", -1]] * 3
+    ccl.set_allreduce_path(FakeSession(), "oneshot", max_bytes=4096)
+    assert calls[-1] == ("runtime.disco.mlc_nccl.debug_set_allreduce_path", ("oneshot", 4096))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,6 +18,21 @@ loaded the same way; :func:`init_nccl_ccl`), because the apache-tvm 0.27 wheel i
 without NCCL. It opens libnccl and libcudart with dlopen when the session is initialised, so it
 builds with g++ alone and loads on machines without a GPU (CI checks its registrations).
 
+Small sum all-reduces on GPUs take a path of the plugin's own, the *one-shot* all-reduce:
+in tensor-parallel decoding at batch 1 each layer all-reduces a few KB twice, and NCCL spends
+~7-10 µs on each such call even inside a CUDA graph, most of a 70B model's per-token
+communication. One kernel per call instead writes the rank's vector straight into every
+peer's buffer over NVLink, raises a flag there, waits for the peers' flags and sums locally
+(float32, rank order 0..N-1: every rank gets bitwise the same result). It is used for float16 /
+bfloat16 / float32 sums of at most 256 KiB (``MLC_NCCL_ONESHOT_MAX_BYTES``) when 2..8 workers
+are GPUs of one host with peer access, and it is CUDA-graph safe (its state lives on the GPU).
+Its kernel is compiled at init through ``tvm_callback_cuda_compile`` (the callback TVM uses for
+its own kernels), so the plugin still builds with g++ alone; anything that keeps it from
+starting (``MLC_NCCL_ONESHOT=0``, no callback, no peer access, ...) leaves every all-reduce to
+NCCL, and :func:`allreduce_path` says which path is active and why. A wait for a peer gives up
+after ``MLC_NCCL_ONESHOT_TIMEOUT_S`` (30 s) and the worker's next all-reduce or sync reports it
+instead of hanging. See nccl.cc ("One-shot all-reduce") for the protocol.
+
 Typical use::
 
     from mlc_course.ccl import disco_session, init_cpu_ccl
@@ -64,6 +79,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -72,7 +88,7 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = [
@@ -81,6 +97,7 @@ __all__ = [
     "benchmark_allreduce", "REDUCE_KINDS",
     "NCCL_CCL_NAME", "NCCL_LIB_NAME", "NcclCCL", "nccl_build_info", "build_nccl_ccl",
     "load_nccl_ccl", "init_nccl_ccl", "find_nccl_library", "find_cudart_library",
+    "allreduce_path", "set_allreduce_path", "oneshot_source",
 ]
 
 #: Name under which the CPU CCL registers (``runtime.disco.cpu_shm.*``).
@@ -650,10 +667,15 @@ class NcclCCL:
     num_workers: int
     device_ids: tuple       # worker i uses cuda:device_ids[i]
     libraries: str          # "nccl=<version> <path>; cudart=<version> <path>" (controller's)
+    # worker 0's all-reduce path after init (:func:`allreduce_path`): "path" is "oneshot" or
+    # "nccl", "reason" says why; the same on every worker
+    allreduce: dict = field(default_factory=dict)
 
 
 def init_nccl_ccl(session, num_workers: int | None = None, *, device_ids=None,
-                  disable_nvls: bool = True, verbose: bool = False) -> NcclCCL:
+                  disable_nvls: bool = True, oneshot: bool | None = None,
+                  oneshot_max_bytes: int | None = None, oneshot_timeout_s: float | None = None,
+                  verbose: bool = False) -> NcclCCL:
     """Load the NCCL plugin into every worker of ``session`` and make it the session's CCL.
 
     The controller creates one ``ncclUniqueId`` and every worker calls ``cudaSetDevice``
@@ -661,6 +683,16 @@ def init_nccl_ccl(session, num_workers: int | None = None, *, device_ids=None,
     ``disable_nvls``: set ``NCCL_NVLS_ENABLE=0`` in the workers when the variable is unset
     (NVLink SHARP multicast off; shared machines may require it). Environment variables that
     NCCL reads (NCCL_DEBUG=INFO, ...) must be set before the workers start.
+
+    The one-shot all-reduce (module docstring) is set up here too; each argument left None
+    comes from its environment variable, read by this (the controller) process and handed to
+    every worker, so all workers agree: ``oneshot`` (``MLC_NCCL_ONESHOT``, default on),
+    ``oneshot_max_bytes`` (``MLC_NCCL_ONESHOT_MAX_BYTES``, 262144: the largest message it
+    takes, and the size of its buffers, 2 x workers x this per GPU), ``oneshot_timeout_s``
+    (``MLC_NCCL_ONESHOT_TIMEOUT_S``, 30: how long a kernel waits for a peer before it gives up
+    and the worker reports an error). The result's ``allreduce`` says what was set up.
+    Compiling its kernel needs ``tvm_callback_cuda_compile`` in this process (TVM's own, or the
+    course's nvcc one on GPU machines); without it all-reduces go to NCCL, and say so.
     """
     n = int(session.num_workers)
     if num_workers is not None and int(num_workers) != n:
@@ -687,8 +719,61 @@ def init_nccl_ccl(session, num_workers: int | None = None, *, device_ids=None,
         raise CCLUnavailableError(f"the NCCL CCL cannot run here: {e}") from None
     tvm.get_global_func(f"runtime.disco.{NCCL_CCL_NAME}.configure")(
         nccl_hint, cudart_hint, bool(disable_nvls))
+    configure_oneshot = tvm.get_global_func(f"runtime.disco.{NCCL_CCL_NAME}.configure_oneshot",
+                                            allow_missing=True)
+    if configure_oneshot is not None:  # (None: an older prebuilt plugin, $MLC_NCCL_CCL_LIBRARY)
+        configure_oneshot(-1 if oneshot is None else int(bool(oneshot)),
+                          -1 if oneshot_max_bytes is None else int(oneshot_max_bytes),
+                          -1.0 if oneshot_timeout_s is None else float(oneshot_timeout_s))
     session.get_global_func("runtime.disco.load_vm_module")(str(path), tvm.cpu(0))
     if verbose:
         print(f"[mlc_course.ccl] {NCCL_CCL_NAME}: {info}", file=sys.stderr)
     _ffi_api().SessionInitCCL(session, NCCL_CCL_NAME, Shape(list(ids)))
-    return NcclCCL(NCCL_CCL_NAME, path, n, ids, info)
+    path_info = allreduce_path(session) if configure_oneshot is not None else {}
+    if verbose and path_info:
+        print(f"[mlc_course.ccl] {NCCL_CCL_NAME}: all-reduce path {path_info.get('path')} "
+              f"({path_info.get('reason')})", file=sys.stderr)
+    return NcclCCL(NCCL_CCL_NAME, path, n, ids, info, path_info)
+
+
+def _on_workers(session, name: str, *args, worker: int | None = 0):
+    """Call ``runtime.disco.mlc_nccl.<name>`` on every worker; the JSON answer of ``worker``
+    (a dict) or of all of them (a list) when ``worker`` is None."""
+    ref = session.get_global_func(f"runtime.disco.{NCCL_CCL_NAME}.{name}")(*args)
+    workers = range(int(session.num_workers)) if worker is None else [worker]
+    out = [json.loads(str(ref.debug_get_from_remote(w))) for w in workers]
+    return out if worker is None else out[0]
+
+
+def allreduce_path(session, worker: int | None = 0):
+    """Which path the sum all-reduces of an :func:`init_nccl_ccl` session take, and why.
+
+    Returns worker ``worker``'s state as a dict (a list of all workers' when None):
+    ``path`` ("oneshot" or "nccl" for calls that qualify; see the module docstring), ``reason``
+    (why it is or is not set up), ``kernel`` (how its kernel was built), ``max_bytes``,
+    ``timeout_s``, ``peers`` (how each rank's buffer is reached: "self", "cuda ipc", "peer
+    access"), ``oneshot_calls`` / ``nccl_calls`` (all-reduces dispatched by the host each way;
+    CUDA-graph replays are not counted) and ``error`` (a one-shot kernel that gave up). Meant
+    for result files and A/B runs.
+    """
+    return _on_workers(session, "debug_allreduce_path", worker=worker)
+
+
+def set_allreduce_path(session, mode: str = "oneshot", max_bytes: int | None = None) -> list:
+    """Switch every worker's all-reduce path: "oneshot" (only where it was set up) or "nccl";
+    ``max_bytes`` lowers the one-shot threshold (at most what init set up). For A/B timing in
+    one session: all workers switch between the same two collectives, as the ranks must agree.
+    Calls captured in a CUDA graph before the switch keep their path. Returns every worker's
+    :func:`allreduce_path`."""
+    return _on_workers(session, "debug_set_allreduce_path", str(mode),
+                       -1 if max_bytes is None else int(max_bytes), worker=None)
+
+
+def oneshot_source() -> str:
+    """The CUDA C++ of the one-shot all-reduce kernel, as the plugin holds it (what init
+    compiles through ``tvm_callback_cuda_compile``; tests compile it with nvcc). Loads the
+    plugin into this process."""
+    import tvm
+
+    load_nccl_ccl()
+    return str(tvm.get_global_func(f"runtime.disco.{NCCL_CCL_NAME}.oneshot_source")())
