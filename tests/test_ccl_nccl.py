@@ -329,6 +329,44 @@ def test_path_helpers_talk_to_every_worker(monkeypatch):
     assert calls[-1] == ("runtime.disco.mlc_nccl.debug_set_allreduce_path", ("oneshot", 4096))
 
 
+def test_allreduce_check_script_on_cpu(tmp_path):
+    """scripts/gpu_allreduce_test.py's checking harness (inputs, ordered float32 reference,
+    misaligned views, guard bytes, back-to-back calls) run on the CPU CCL, which sums in the
+    same order as the one-shot kernel; on a GPU the script checks the one-shot path with it."""
+    r = subprocess.run([sys.executable, str(_root() / "scripts" / "gpu_allreduce_test.py"),
+                        "--device", "cpu", "--workers", "2", "--quick", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "ALL EXACT" in r.stdout
+    data = json.loads((tmp_path / "gpu_allreduce.json").read_text())
+    eager = data["sessions"]["process2"]["eager"]
+    assert len(eager) == 2 and all(w["paths"]["cpu_shm"]["exact"] for w in eager)
+    assert data["sessions"]["thread2"]["ok"]
+
+
+def test_allreduce_check_reference_rounds_once():
+    """The script's reference: a float32 sum in rank order, rounded once (bfloat16 by round to
+    nearest even, subnormals kept)."""
+    import numpy as np
+
+    from scripts import gpu_allreduce_test as t
+
+    x = np.array([1.0, 1.0 + 2.0 ** -8, 1.0 + 3 * 2.0 ** -8, -1e-39, 3.0e38], dtype=np.float32)
+    bits = t.to_bits(x, "bfloat16")
+    assert list(bits) == [0x3F80, 0x3F80, 0x3F82, 0x800B, 0x7F62]  # ties to even, subnormal kept
+    assert np.array_equal(t.from_bits(bits[:1], "bfloat16"), np.float32([1.0]))
+    # order matters in float32: (1e8 + 1) - 1e8 = 0, but 1e8 + (1 - 1e8) = 0 too; 3 ranks:
+    xs = [t.to_bits(np.float32([v]), "float32") for v in (1e8, 1.0, -1e8)]
+    assert t.from_bits(t.reference(xs, "float32"), "float32")[0] == 0.0  # (1e8 + 1) rounds to 1e8
+    xs = [t.to_bits(np.float32([v]), "float32") for v in (1e8, -1e8, 1.0)]
+    assert t.from_bits(t.reference(xs, "float32"), "float32")[0] == 1.0
+    # float16: 2048 + 1 is a tie between 2048 and 2050 in float16 only after the float32 sum
+    xs = [t.to_bits(np.float32([v]), "float16") for v in (2048.0, 1.0)]
+    assert t.from_bits(t.reference(xs, "float16"), "float16")[0] == 2048.0
+    xs = [t.to_bits(np.float32([v]), "float16") for v in (2048.0, 1.0, 1.0)]  # 2049 -> 2048, +1
+    assert t.from_bits(t.reference(xs, "float16"), "float16")[0] == 2050.0
+
+
 # ---------------------------------------------------------------------------------------------
 # On GPUs (skipped in CI)
 # ---------------------------------------------------------------------------------------------
@@ -355,3 +393,13 @@ def _root():
 
     return Path(__file__).resolve().parent.parent
 
+
+@NEED_2_GPUS
+def test_oneshot_allreduce_on_two_gpus(tmp_path):
+    """The one-shot path against NCCL and the float32 reference, eager and in CUDA graphs."""
+    r = subprocess.run([sys.executable, str(_root() / "scripts" / "gpu_allreduce_test.py"),
+                        "--workers", "2", "--quick", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "NCCL_NVLS_ENABLE": os.environ.get("NCCL_NVLS_ENABLE", "0")})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "ALL EXACT" in r.stdout
