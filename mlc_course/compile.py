@@ -247,18 +247,20 @@ def pipeline(target, log=None, cuda_graph: bool = False, gemv: str = "course"):
 
 
 def compile_module(mod, target, log=None, cuda_graph: bool = False, gemv: str = "course",
-                   pdl: bool = True):
+                   pdl: bool = True, prefetch: int | None = None, restrict: bool = False):
     """Compile a Relax IRModule with the course pipeline; returns the VM executable.
 
     CUDA kernels get the course's device pass (:mod:`mlc_course.cuda_device`): the device
-    functions they call and, with ``pdl`` on sm_90+, programmatic dependent launch."""
+    functions they call and, with ``pdl`` on sm_90+, programmatic dependent launch, the GEMVs'
+    L2 prefetch (``prefetch`` bytes per block; None: the default) and no ``__restrict__``
+    (``restrict=True`` keeps it, for measurements only: it is unsafe with PDL)."""
     import tvm
 
     from .cuda_device import tir_pipeline
 
     t0 = time.time()
     ex = tvm.compile(mod, target=target, relax_pipeline=pipeline(target, log, cuda_graph, gemv),
-                     tir_pipeline=tir_pipeline(target, pdl))
+                     tir_pipeline=tir_pipeline(target, pdl, prefetch, restrict))
     if log:
         log(f"  codegen + link {time.time() - t0:6.1f} s in all")
     return ex
@@ -284,7 +286,7 @@ def _source_digest() -> str:
     """Hash of the modules whose code ends up in a compiled library."""
     here = Path(__file__).parent
     h = hashlib.sha256()
-    for name in ("model.py", "quantization.py", "compile.py", "sharding.py", "schedules.py"):
+    for name in ("model.py", "quantization.py", "compile.py", "sharding.py", "schedules.py", "cuda_device.py"):
         h.update((here / name).read_bytes())
     return h.hexdigest()[:16]
 

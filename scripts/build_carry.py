@@ -47,6 +47,10 @@ sys.path.insert(0, str(ROOT))
 #   graph   the dynamic KV cache with Relax's RewriteCUDAGraph (graphs between attention calls)
 #   dlight  stock dlight GEMV for the decode linears instead of the course's schedule
 #   tp2/tp4 2 or 4 tensor-parallel shards (each worker's library; NCCL all-reduces)
+#   nopdl   no programmatic dependent launch (mlc_course.cuda_device)
+#   pf4k / pf16k / nopf   the GEMVs' L2 prefetch: 4 or 16 KiB per block, or none (default:
+#           cuda_device.PREFETCH_BYTES, none: it measured slower)
+#   restrict      keep __restrict__ on kernels that wait (the engine before the fix; for measurements)
 DEFAULT_MODELS = ["tiny:q0f32:static", "tiny:q4f16_1:static", "tiny:q0f16:static",
                   "tiny:q0f32:static:tp2", "tiny:q4f16_1:static:tp2",
                   "llama2-7b:q4f16_1:static", "llama2-7b:q4f16_1:static:nopdl",
@@ -56,7 +60,7 @@ DEFAULT_MODELS = ["tiny:q0f32:static", "tiny:q4f16_1:static", "tiny:q0f16:static
                   "codellama-34b:q4f16_1:static:tp4",
                   "llama2-70b:q4f16_1:static", "llama2-70b:q4f16_1:static:tp2", "llama2-70b:q4f16_1:static:tp4",
                   "llama2-70b:q0f16:static:tp4"]
-OPTIONS = {"static", "graph", "dlight", "tp2", "tp4", "nopdl"}
+OPTIONS = {"static", "graph", "dlight", "tp2", "tp4", "nopdl", "nopf", "pf4k", "pf16k", "restrict"}
 
 # Parts of the installed tvm package a runtime-only import does not need.
 TVM_EXCLUDE_DIRS = {"3rdparty", "src", "web", "include", "cmake", "lib64", "licenses", "__pycache__"}
@@ -154,7 +158,7 @@ def build_libraries(out: Path, models: list[str], device: str, log) -> dict:
     from mlc_course.compile import _source_digest, compile_module, cuda_sources, get_target
     from mlc_course.config import get_preset
     from mlc_course.model import export
-    from mlc_course.cuda_device import supports_pdl
+    from mlc_course.cuda_device import PREFETCH_BYTES, supports_pdl
 
     target = get_target(device)
     arch = str(target.attrs["arch"])
@@ -175,8 +179,11 @@ def build_libraries(out: Path, models: list[str], device: str, log) -> dict:
         kv = "static" if static else "dynamic"
         cfg = get_preset(name)
         pdl = "nopdl" not in opts
+        prefetch = 0 if "nopf" in opts else 4096 if "pf4k" in opts else 16384 if "pf16k" in opts else None
+        restrict = "restrict" in opts
+        extra = "".join(f"-{o}" for o in ("nopf", "pf4k", "pf16k", "restrict") if o in opts)
         lib = (f"{name}-{scheme}-{arch}{'-static' if static else ''}{'-graph' if graph else ''}"
-               f"{'-dlight' if gemv == 'dlight' else ''}{'' if pdl else '-nopdl'}"
+               f"{'-dlight' if gemv == 'dlight' else ''}{'' if pdl else '-nopdl'}{extra}"
                f"{f'-tp{shards}' if shards > 1 else ''}.so")
         mod, named = export(cfg, scheme, shards, kv=kv, gpu=True, form="half2" if gemv == "course" else "plain")
         key = {"source": _source_digest(), "arch": arch}
@@ -185,7 +192,8 @@ def build_libraries(out: Path, models: list[str], device: str, log) -> dict:
             ex = None
         else:
             log(f"compiling {lib}")
-            ex = compile_module(mod, target, cuda_graph=graph, gemv=gemv, pdl=pdl)
+            ex = compile_module(mod, target, cuda_graph=graph, gemv=gemv, pdl=pdl, prefetch=prefetch,
+                                restrict=restrict)
             ex.export_library(str(out / "lib" / lib))
         lib_mod = ex.mod if ex is not None else _load_for_sources(out / "lib" / lib)
         digests = []
@@ -206,6 +214,8 @@ def build_libraries(out: Path, models: list[str], device: str, log) -> dict:
             "model": name, "quantization": scheme, "shards": shards, "kv": kv,
             "cuda_graph": graph or static, "graph_kind": "whole step" if static else "relax" if graph else None,
             "gemv": gemv, "pdl": pdl and supports_pdl(target),
+            "prefetch": (PREFETCH_BYTES if prefetch is None else prefetch) if pdl and supports_pdl(target) else 0,
+            "restrict": restrict or not (pdl and supports_pdl(target)),
             "config": cfg.to_dict(),
             "params": [[n, [int(d) for d in spec.shape], str(spec.dtype)] for n, spec in named],
             "cuda_source_sha256": digests,

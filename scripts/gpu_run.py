@@ -222,6 +222,7 @@ def speed_record(eng, meta: dict, lib: str, bandwidth: float, prompt_len: int, n
     rec = decode_record(eng, results, bandwidth, prompt_len, new_tokens, gemv=meta.get("gemv", "dlight"),
                         pdl=bool(meta.get("pdl", False)), graph=graph)
     return {**rec, "library": lib, "load_s": round(load_s, 1),
+            **{k: meta[k] for k in ("prefetch", "restrict") if k in meta},
             **({"kernels": kernels} if kernels else {}), **({"gpu_kernels": trace} if trace else {})}
 
 
@@ -308,7 +309,8 @@ def llama_speed(carry: Path, manifest: dict, bandwidth: float, prompt_len: int, 
 
     for lib, meta, cfg, scheme, kv in llama_libraries(manifest, 1, deadline):
         modes = [kv == "static" or bool(meta.get("cuda_graph"))]
-        if kv == "static" and cfg.name == "llama2-7b" and scheme == "q4f16_1" and meta.get("gemv") == "course":
+        if kv == "static" and cfg.name == "llama2-7b" and scheme == "q4f16_1" and lib.endswith("-static.so") \
+                and meta.get("gemv") == "course":
             modes.append(False)
         t0 = time.time()
         eng = random_weight_engine(carry / "lib" / lib, cfg, scheme, 1, meta["params"], kv=kv, graph=modes[0])

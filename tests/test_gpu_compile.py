@@ -242,6 +242,43 @@ def test_tiny_model_cuda_source_compiles_with_nvcc(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
 
 
+@pytest.mark.parametrize("prefetch", [None, 16384])
+def test_kernels_that_wait_read_nothing_before_the_wait(tmp_path, prefetch):
+    """With programmatic dependent launch no kernel may read through the non-coherent path
+    (ld.global.nc): ptxas may move such a load above griddepcontrol.wait, before the previous
+    kernel has written what it reads (seen with TVM's __restrict__ pointers). Nothing but the
+    optional L2 prefetch of the GEMVs' weights comes before the wait."""
+    import shutil
+
+    from mlc_course.compile import compile_module, cuda_sources, get_target
+    from mlc_course.config import get_preset
+    from mlc_course.model import export
+
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc is not installed (the course's machines have it: see README)")
+    mod, _ = export(get_preset("tiny"), "q4f16_1", 1, kv="static", gpu=True)
+    (tmp_path / "tiny.cu").write_text("\n".join(cuda_sources(compile_module(mod, get_target("cuda"), prefetch=prefetch).mod)))
+    r = subprocess.run(["nvcc", "-ptx", "-gencode", "arch=compute_90a,code=compute_90a", "-O3",
+                        "-o", str(tmp_path / "tiny.ptx"), str(tmp_path / "tiny.cu")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    entries = (tmp_path / "tiny.ptx").read_text().split(".entry ")[1:]
+    waiting = [e for e in entries if "griddepcontrol.wait" in e]
+    assert waiting and len(waiting) == len([e for e in entries if "griddepcontrol.launch_dependents" in e])
+
+    def nc_loads(entry):  # (the CUDA math library's own constant tables, e.g. for sinf, are fine)
+        regs = re.findall(r"ld\.global\.nc\.\w+\s+%\w+, \[(%rd\d+)", entry)
+        return [r for r in regs if not re.search(rf"mov\.u64\s+{re.escape(r)}, __cudart_", entry)]
+
+    assert not [e.split("(")[0] for e in waiting if nc_loads(e)]
+    for e in waiting:
+        before = e[:e.index("griddepcontrol.wait")]
+        assert "ld.global" not in before and "st.global" not in before, e.split("(")[0]
+    gemvs = [e for e in waiting if "lop3.b32" in e]
+    prefetching = [e for e in entries if "cp.async.bulk.prefetch.L2" in e]
+    assert gemvs and prefetching == (gemvs if prefetch else [])
+    assert all(e.index("cp.async.bulk.prefetch.L2") < e.index("griddepcontrol.wait") for e in prefetching)
+
+
 def test_smollm2_on_gpu_matches_cpu():
     """The committed SmolLM2 check: the engine on a GPU (static cache, graphs) gives the CPU's
     greedy tokens for float32 and float16 activations, every prompt."""
