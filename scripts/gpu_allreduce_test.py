@@ -648,7 +648,11 @@ def run_session(kind: str, n: int, args, res: Results, entry: str) -> bool:
                 f"{info.allreduce.get('reason')} ({info.allreduce.get('kernel')})")
             if path != "oneshot":
                 ok = False
-                rec["error"] = f"one-shot path not set up: {info.allreduce}"
+                rec["error"] = (f"one-shot path not set up: {info.allreduce.get('reason')}"
+                                if info.allreduce else
+                                f"the plugin {info.library} has no one-shot all-reduce: rebuild "
+                                ".carry with scripts/build_carry.py")
+                log(f"[{key}] {rec['error']}")
                 return ok
         else:
             ccl.init_cpu_ccl(sess, n)
