@@ -151,6 +151,10 @@ PARAMETERS: dict[str, Param] = {
                                  "9-10 us in a CUDA graph, minus 2 hops x 0.47 us, design.md"),
     "nvlink.alpha0.eager": Param(28.6e-6, "s", "measured: same, 24-35 us launched eagerly, minus "
                                  "2 hops x 0.47 us, design.md"),
+    "nvlink.alpha0.oneshot": Param(4.77e-6, "s", "measured: the course's one-shot all-reduce (mlc_nccl), "
+                                   "2x H200 NVLink, fp16 16 KB, 5.71 us per call in a CUDA graph of 100, "
+                                   "minus 2 hops x 0.47 us (data/results/gpu_allreduce_h200x2.json; NCCL "
+                                   "there: 6.71 us)"),
     "nvlink.alpha_hop": Param(0.47e-6, "s", "NCCL tuner: hwLat NVLink ring LL (src/graph/tuning.cc)"),
     "nvlink.beta": Param(270e9, "B/s", "measured: 64 MiB all-reduce bus bandwidth, 2x H100, design.md"),
     "pcie.alpha0.graph": Param(58e-6, "s", "fitted: fit_seed() (the seed ran with --use-cuda-graph; "
@@ -235,15 +239,20 @@ class Prediction:
 
 
 def allreduce_latency(n: int, link: str, cuda_graph: bool = True, nbytes: float = 16384,
-                      nodes: int = 1) -> float:
+                      nodes: int = 1, allreduce: str = "nccl") -> float:
     """Seconds for one small all-reduce over ``n`` ranks (``nodes`` nodes of n/nodes each):
-    ``alpha0 + 2(n_local-1) alpha_hop + 2(nodes-1) alpha_hop_ib (+ alpha0_ib) + bytes``."""
+    ``alpha0 + 2(n_local-1) alpha_hop + 2(nodes-1) alpha_hop_ib (+ alpha0_ib) + bytes``.
+    ``allreduce="oneshot"``: the course's one-shot kernel over NVLink peer memory (in a CUDA
+    graph, one node), whose fixed cost is smaller than NCCL's."""
     if n <= 1:
         return 0.0
     if link not in LINKS:
         raise ValueError(f"unknown link {link!r}; choose from {LINKS}")
+    if allreduce not in ("nccl", "oneshot"):
+        raise ValueError(f"unknown all-reduce {allreduce!r}; choose nccl or oneshot")
+    oneshot = allreduce == "oneshot" and link == "nvlink" and cuda_graph and nodes == 1
     local = n // nodes
-    t = param(f"{link}.alpha0.{'graph' if cuda_graph else 'eager'}")
+    t = param(f"{link}.alpha0.{'oneshot' if oneshot else 'graph' if cuda_graph else 'eager'}")
     t += 2 * (local - 1) * param(f"{link}.alpha_hop")
     t += 2 * (local - 1) / n * nbytes / param(f"{link}.beta")
     if nodes > 1:
@@ -261,7 +270,8 @@ def _replicated_bytes(cfg, scheme: str) -> int:
 
 def predict(model_preset, scheme: str, gpu: str, n: int, link: str | None = None,
             cuda_graph: bool = True, context: int | None = None, engine: str = "mlc-2023",
-            nodes: int = 1, eta: float | None = None, bandwidth: float | None = None) -> Prediction:
+            nodes: int = 1, eta: float | None = None, bandwidth: float | None = None,
+            allreduce: str | None = None) -> Prediction:
     """Predicted single-batch decode speed of ``model_preset`` (a preset name or a
     ``LlamaConfig``) in ``scheme`` on ``n`` GPUs of kind ``gpu`` (a key of data/gpus.csv)
     connected by ``link`` (``nvlink``/``pcie``; default by the GPU's form factor).
@@ -269,7 +279,8 @@ def predict(model_preset, scheme: str, gpu: str, n: int, link: str | None = None
     ``engine`` picks the kernel efficiency (``eta``) — ``mlc-2023`` fitted to the seed,
     ``course`` measured on H100; ``eta``/``bandwidth`` (bytes/s) override it and the GPU's
     base bandwidth. ``nodes > 1`` splits the n GPUs over nodes joined by InfiniBand.
-    The breakdown holds ms per token for each term.
+    ``allreduce``: ``"oneshot"`` (the current engine's default, ``course-graph``) or
+    ``"nccl"`` (every other engine's). The breakdown holds ms per token for each term.
     """
     from .config import LlamaConfig, get_preset
 
@@ -293,7 +304,8 @@ def predict(model_preset, scheme: str, gpu: str, n: int, link: str | None = None
     kv = cfg.kv_bytes_per_token(context) / n
     t_w, t_kv = per_device / bw, kv / bw
     n_coll = 2 * cfg.num_layers + 1 if n > 1 else 0
-    t_ar = n_coll * allreduce_latency(n, link, cuda_graph, 2 * cfg.hidden_size, nodes)
+    allreduce = allreduce or ("oneshot" if engine == "course-graph" else "nccl")
+    t_ar = n_coll * allreduce_latency(n, link, cuda_graph, 2 * cfg.hidden_size, nodes, allreduce)
     if engine in ("course-graph", "course-graph-v2"):
         sfx = _suffix(engine)
         gemvs = cfg.num_layers * param("gemvs_per_layer.static") + 1
@@ -322,7 +334,7 @@ def predict(model_preset, scheme: str, gpu: str, n: int, link: str | None = None
     breakdown = {"weights": t_w * 1e3, "kv_cache": t_kv * 1e3, "allreduce": t_ar * 1e3,
                  "kernel_launch": t_k * 1e3, "host": t_host * 1e3}
     info = {"model": cfg.name, "scheme": scheme, "gpu": gpu, "n": n, "nodes": nodes, "link": link,
-            "cuda_graph": cuda_graph, "engine": engine, "context": context, "eta": eta,
+            "cuda_graph": cuda_graph, "engine": engine, "context": context, "eta": eta, "allreduce": allreduce,
             "effective_bandwidth_GBps": bw / 1e9, "bytes_per_device": per_device,
             "collectives_per_token": n_coll, "kernels_per_token": kernels,
             "bound": "host" if t_host > t_gpu else "gpu",
@@ -521,7 +533,8 @@ def calibrate_host_overhead(records: list[dict] | None = None) -> float | None:
 
 
 SCOPE_MIN_WEIGHT_SHARE = 0.25
-# Also out of scope: the static cache without its CUDA graph (a diagnostic run: the VM issues
+# Also out of scope: the GEMVs' L2-prefetch experiment (mlc_course.cuda_device: a slower
+# variant no parameter describes), the static cache without its CUDA graph (a diagnostic run: the VM issues
 # every kernel from the host, which neither course parameter set describes), and several GPUs without CUDA graphs. Each disco worker's VM then issues its
 # calls and eager NCCL all-reduces from the host, and the measured steps (2x H200) are 1.5x
 # longer than the one-GPU host time plus the all-reduces: no parameter here describes it.
@@ -543,7 +556,8 @@ def gpu_comparison(records: list[dict] | None = None) -> list[dict]:
             ctx = int(r["prompt_tokens"]) + int(r["new_tokens"]) // 2
         if k["engine"].startswith("course-graph"):  # efficiency relative to the copy measured in the run
             p = predict(k["preset"], k["scheme"], gpu, int(r["shards"]), link="nvlink", context=ctx,
-                        engine=k["engine"], bandwidth=float(r["bandwidth_GBps"]) * 1e9)
+                        engine=k["engine"], bandwidth=float(r["bandwidth_GBps"]) * 1e9,
+                        allreduce=r.get("allreduce", "nccl"))  # (files before the one-shot path: NCCL)
         else:
             p = predict(k["preset"], k["scheme"], gpu, int(r["shards"]), link="nvlink",
                         cuda_graph=k["cuda_graph"], engine="course", context=ctx)
@@ -562,7 +576,8 @@ def gpu_comparison(records: list[dict] | None = None) -> list[dict]:
                          and k["preset"] in ("llama2-7b", "llama2-70b")),
                      "in_scope": p.breakdown["weights"] >= SCOPE_MIN_WEIGHT_SHARE * p.ms_per_token
                      and not (int(r["shards"]) > 1 and not k["cuda_graph"])
-                     and not (k["kv"] == "static" and not k["cuda_graph"])})
+                     and not (k["kv"] == "static" and not k["cuda_graph"])
+                     and not r.get("prefetch")})  # (the L2-prefetch experiment: cuda_device)
     return rows
 
 

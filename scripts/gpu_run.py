@@ -340,17 +340,31 @@ def tp_setup(carry: Path) -> str:
     os.environ["MLC_NCCL_CCL_LIBRARY"] = str(carry / "libmlc_ccl_nccl.so")
     os.environ["NCCL_NVLS_ENABLE"] = "0"
     os.environ["PYTHONPATH"] = os.pathsep.join([str(carry / "site"), str(ROOT), os.environ.get("PYTHONPATH", "")])
-    from mlc_course import disco_worker  # noqa: F401  (worker 0's functions: mlc_course.random_worker_params & co.)
+    from mlc_course import disco_worker  # noqa: F401,I001  (worker 0's functions: random_worker_params & co.)
 
     return "scripts.gpu_tp_worker"
 
 
+def allreduce_info(sess) -> dict:
+    """The all-reduce path of a session's workers (:func:`mlc_course.ccl.allreduce_path`)."""
+    from mlc_course import ccl
+
+    try:
+        info = ccl.allreduce_path(sess)
+    except Exception as e:  # noqa: BLE001  (a plugin without the one-shot path)
+        return {"allreduce": "nccl", "allreduce_detail": {"reason": f"no path report: {str(e)[:200]}"}}
+    return {"allreduce": info.get("path", "nccl"),
+            "allreduce_detail": {k: info.get(k) for k in ("reason", "kernel", "peers", "max_bytes", "error")}}
+
+
 def tp_speed(carry: Path, manifest: dict, bandwidth: float, prompt_len: int, new_tokens: int,
              runs: int, deadline: float, graph: bool = True, sink: list | None = None, save=lambda: None,
-             shards: int = 2) -> None:
-    """Every ``shards``-shard Llama-shape library on that many GPUs: disco workers, NCCL
-    all-reduces, random weights made by each worker, each worker replaying its decode step as
-    a CUDA graph."""
+             shards: int = 2, allreduce=("oneshot", "nccl")) -> None:
+    """Every ``shards``-shard Llama-shape library on that many GPUs: disco workers, random
+    weights made by each worker, each worker replaying its decode step as a CUDA graph; timed
+    once per all-reduce path in ``allreduce`` (the plugin's one-shot kernel over peer memory,
+    NCCL), switched in the same session on the same weights (the graphs recaptured)."""
+    from mlc_course import ccl
     from mlc_course.tp_bench import random_weight_engine
 
     entry = tp_setup(carry)
@@ -362,9 +376,18 @@ def tp_speed(carry: Path, manifest: dict, bandwidth: float, prompt_len: int, new
         load_s = time.time() - t0
         log(f"{lib}: {shards} workers, library + random weights on {shards} GPUs in {load_s:.1f} s")
         try:
-            sink.append(speed_record(eng, meta, lib, bandwidth, prompt_len, new_tokens, runs, deadline,
-                                     graph=graph, profile=False, load_s=load_s))
-            save()
+            for k, mode in enumerate(allreduce):
+                sess = eng.runner.sess
+                if k:
+                    sess.get_global_func("mlc_course.graph_release")()  # recaptured with the new path
+                    ccl.set_allreduce_path(sess, mode)
+                path = allreduce_info(sess)
+                log(f"  all-reduce: {path['allreduce']} ({path['allreduce_detail'].get('reason')})")
+                if k and path["allreduce"] != mode:
+                    continue
+                sink.append({**speed_record(eng, meta, lib, bandwidth, prompt_len, new_tokens, runs, deadline,
+                                            graph=graph, profile=False, load_s=load_s), **path})
+                save()
         finally:
             eng.close()
             del eng
@@ -403,6 +426,7 @@ def tiny_tp(carry: Path, manifest: dict, steps: int = 16, graph: bool = True) ->
                              graph=graph, entrypoint=entry)
             e2 = Engine.from_runner(r2, cfg, scheme, "cuda", quiet=True, kv=kv, shards=2)
             rec.update(compare_tp(e1, e2, steps))  # greedy on the GPUs too (in every worker's graph)
+            rec.update(allreduce_info(r2.sess))
         except Exception as e:  # noqa: BLE001
             import traceback
 
@@ -504,6 +528,9 @@ def main(argv=None) -> int:
     ap.add_argument("--skip", default="", help="comma-separated stages to skip: tiny,tp,llama,gemv,peer")
     ap.add_argument("--only", default="", help="comma-separated library names (or substrings) to run")
     ap.add_argument("--name", default="gpu_run.json", help="file name of the results under --out")
+    ap.add_argument("--allreduce", default="oneshot,nccl",
+                    help="multi-GPU runs: all-reduce paths to time, in one session each (oneshot: the "
+                         "plugin's kernel over peer memory where it is set up; nccl)")
     ap.add_argument("--tp-modes", default="nograph,graph",
                     help="2-GPU runs: without and/or with each worker replaying CUDA graphs")
     args = ap.parse_args(argv)
@@ -588,13 +615,15 @@ def main(argv=None) -> int:
                     continue
                 stage(f"llama_tp{shards}{'_graph' if graph else ''}", lambda: tp_speed(
                     carry, manifest, bandwidth, args.prompt_tokens, args.new_tokens, args.runs, deadline - 30,
-                    graph=graph, sink=doc["records"], save=save, shards=shards), max(30, deadline - time.time()))
+                    graph=graph, sink=doc["records"], save=save, shards=shards,
+                    allreduce=args.allreduce.split(",")), max(30, deadline - time.time()))
     doc["total_s"] = round(time.time() - t_start, 1)
     save()
     print("\n%-28s %-13s %9s %9s %9s  %s" % ("model", "quantization", "tok/s", "ceiling", "fraction", "engine"))
     for r in doc["records"]:
-        print("%-28s %-13s %9s %9s %9s  %s" % (r["model"], r["quantization"], r["decode_tok_per_s"],
-                                              r.get("ceiling_tok_per_s"), r.get("fraction_of_ceiling"), r["engine"]))
+        print("%-28s %-13s %3s %9s %9s %9s  %s %s" % (r["model"], r["quantization"], r["shards"], r["decode_tok_per_s"],
+                                                       r.get("ceiling_tok_per_s"), r.get("fraction_of_ceiling"),
+                                                       r["engine"], r.get("allreduce", "")))
     for c in doc["correctness"]:
         print(f"tiny {c['quantization']:8s} ok={c.get('ok')} rel_diff={c.get('rel_diff')} argmax={c.get('argmax_agree')} {c.get('error', '')}")
     for c in doc["tp_correctness"]:
