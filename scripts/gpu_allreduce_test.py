@@ -19,7 +19,9 @@ worker 0 a thread of this process, the others processes, buffers shared through 
    inputs each replay (every result checked), then 300 replays back to back, then eager
    calls again (the epochs on the GPU must stay in step);
 4. ``bench``: time per float16 all-reduce, NCCL and one-shot, in a worker loop (CUDA events)
-   and inside a CUDA graph of 100 calls;
+   and inside a CUDA graph of 100 calls; the one-shot path twice, launched with programmatic
+   dependent launch (its default on sm_90+) and without (``oneshot_nopdl``: plain
+   cuLaunchKernel, as with ``MLC_NCCL_ONESHOT_PDL=0``);
 
 then a ThreadedSession of 2 workers (peer access within one process): ``eager`` and ``graph``.
 
@@ -514,13 +516,22 @@ def _bench(cfg: dict) -> dict:
     rank, dev = _worker_context(cfg)
     allreduce = _allreduce_func(cfg)
     loop = get_global_func("runtime.disco.mlc_nccl.debug_bench_allreduce")
+    # PDL on / off for the one-shot kernel (None: a plugin that predates it). Every rank runs
+    # the same paths in the same order (they are collectives); where PDL is not supported the
+    # two one-shot rows are the same plain launch, and "pdl" in the result says so.
+    set_pdl = get_global_func("runtime.disco.mlc_nccl.debug_set_oneshot_pdl", allow_missing=True)
+    info0 = _path_info(cfg)
+    pdl_default = bool(info0.get("pdl"))
+    paths = ("nccl", "oneshot", "oneshot_nopdl") if set_pdl is not None else ("nccl", "oneshot")
     rows = []
     for nbytes in cfg["sizes"]:
         buf = tvm.runtime.empty((max(1, nbytes // 2),), "float16", dev)
         buf.copyfrom(np.zeros(buf.shape, np.float16))  # zeros stay zeros
         row = {"bytes": nbytes}
-        for path in ("nccl", "oneshot"):
-            _set_path(cfg, path)
+        for path in paths:
+            _set_path(cfg, "nccl" if path == "nccl" else "oneshot")
+            if set_pdl is not None and path != "nccl":
+                set_pdl(1 if path == "oneshot" and info0.get("pdl_supported") else 0)
             loop(buf, 20)  # warm-up
             row[f"{path}_loop_us"] = round(float(loop(buf, int(cfg["iters"]))) * 1e6, 2)
             g = _Graph(dev)
@@ -535,7 +546,12 @@ def _bench(cfg: dict) -> dict:
                 g.close()
         rows.append(row)
     _set_path(cfg, "oneshot")
-    return {"rank": rank, "rows": rows, "path": _path_info(cfg)}
+    if set_pdl is not None:
+        set_pdl(1 if pdl_default else 0)
+    return {"rank": rank, "rows": rows, "pdl": {"supported": info0.get("pdl_supported"),
+                                                "default": pdl_default,
+                                                "note": info0.get("pdl_note")},
+            "path": _path_info(cfg)}
 
 
 def register_worker_functions() -> None:
@@ -645,7 +661,8 @@ def run_session(kind: str, n: int, args, res: Results, entry: str) -> bool:
                            "allreduce": info.allreduce}
             path = info.allreduce.get("path")
             log(f"[{key}] init {rec['init']['seconds']} s: all-reduce path {path}: "
-                f"{info.allreduce.get('reason')} ({info.allreduce.get('kernel')})")
+                f"{info.allreduce.get('reason')} ({info.allreduce.get('kernel')}); "
+                f"PDL: {info.allreduce.get('pdl')} ({info.allreduce.get('pdl_note')})")
             if path != "oneshot":
                 ok = False
                 rec["error"] = (f"one-shot path not set up: {info.allreduce.get('reason')}"
@@ -677,7 +694,7 @@ def run_session(kind: str, n: int, args, res: Results, entry: str) -> bool:
             graph = _on_workers(sess, "mlc_ar_test.check_graph",
                                 dict(base, cases=gcases, replays=args.replays, burst=args.burst))
             rec["graph"] = graph
-            g_ok = all("error" not in r and r["exact"] and not r["error"] for r in graph)
+            g_ok = all(r.get("exact") and not r.get("error") for r in graph)  # ("error": the kernel's error word, or an exception)
             ok &= g_ok
             log(f"[{key}] graph: {len(gcases)} calls per graph, {args.replays} checked replays + "
                 f"{args.burst} back to back: {'exact' if g_ok else 'FAILED'} ({time.time() - t0:.1f} s)")
@@ -713,14 +730,22 @@ def run_session(kind: str, n: int, args, res: Results, entry: str) -> bool:
 
 
 def table(res: Results) -> str:
-    lines = ["workers    bytes   NCCL loop  1-shot loop  NCCL graph  1-shot graph  graph speed-up",
-             "                        (µs per all-reduce, float16, worker 0)"]
+    lines = ["workers    bytes   NCCL loop  1-shot loop  NCCL graph  1-shot graph  no-PDL graph"
+             "  graph speed-up",
+             "                        (µs per all-reduce, float16, worker 0; 1-shot: with PDL "
+             "where supported)"]
     for key, rec in res.data.get("sessions", {}).items():
-        for row in (rec.get("bench") or [{}])[0].get("rows", []):
+        bench0 = (rec.get("bench") or [{}])[0]
+        if bench0.get("pdl"):
+            lines.append(f"{'':>7} [{key}] PDL supported: {bench0['pdl'].get('supported')} "
+                         f"({bench0['pdl'].get('note')})")
+        for row in bench0.get("rows", []):
             sp = row["nccl_graph_us"] / row["oneshot_graph_us"] if row.get("oneshot_graph_us") else 0
+            nopdl = row.get("oneshot_nopdl_graph_us")
             lines.append(f"{rec['workers']:>7} {row['bytes']:>8} {row['nccl_loop_us']:>11.2f} "
                          f"{row['oneshot_loop_us']:>12.2f} {row['nccl_graph_us']:>11.2f} "
-                         f"{row['oneshot_graph_us']:>13.2f} {sp:>14.2f}x")
+                         f"{row['oneshot_graph_us']:>13.2f} "
+                         f"{(f'{nopdl:.2f}' if nopdl is not None else '-'):>13} {sp:>14.2f}x")
             if row["bytes"] == 16384:
                 lines.append(f"{'':>7} Llama-2-70B token (160 x 16 KiB in a graph): NCCL "
                              f"{160 * row['nccl_graph_us'] / 1000:.2f} ms, one-shot "
@@ -747,7 +772,8 @@ def main(argv=None) -> int:
     args.sizes = [int(s) for s in args.sizes.split(",")]
     res = Results(Path(args.out) if args.out else None)
     res.data["env"] = {k: os.environ.get(k) for k in ("NCCL_NVLS_ENABLE", "NCCL_DEBUG",
-                                                      "MLC_NCCL_ONESHOT", "MLC_NCCL_ONESHOT_MAX_BYTES")}
+                                                      "MLC_NCCL_ONESHOT", "MLC_NCCL_ONESHOT_MAX_BYTES",
+                                                      "MLC_NCCL_ONESHOT_PDL")}
 
     def watchdog():
         res.data["timed_out"] = f"stopped after {args.timeout:.0f} s"

@@ -22,7 +22,8 @@ from mlc_course import ccl
 from mlc_course.gpu import cuda_device_count
 
 ONESHOT_FUNCS = ("configure_oneshot", "debug_allreduce_path", "debug_set_allreduce_path",
-                 "oneshot_source", "oneshot_compile", "oneshot_eligible", "oneshot_plan")
+                 "oneshot_source", "oneshot_compile", "oneshot_eligible", "oneshot_plan",
+                 "configure_oneshot_pdl", "debug_set_oneshot_pdl")
 CONTRACT = ("init_ccl", "init_ccl_per_worker", "allreduce", "allgather", "broadcast_from_worker0",
             "scatter_from_worker0", "gather_to_worker0", "recv_from_worker0", "send_to_worker",
             "recv_from_worker", "send_to_next_group", "recv_from_prev_group", "sync_worker")
@@ -265,6 +266,205 @@ def test_oneshot_ptx_is_exact_under_fast_math(plugin, tmp_path):
     assert "multimem" not in text  # never multicast (NVLS stays off)
 
 
+# --- programmatic dependent launch (PDL) of the one-shot kernel -----------------------------
+
+ONESHOT_KERNELS = ("mlc_oneshot_allreduce_f16", "mlc_oneshot_allreduce_bf16",
+                   "mlc_oneshot_allreduce_f32")
+
+
+def _ptx_entries(ptx: str) -> dict:
+    """{kernel name: its PTX body} of every .entry in ``ptx``."""
+    import re
+
+    parts = re.split(r"^\.visible \.entry (\w+)\(", ptx, flags=re.M)
+    return {parts[i]: parts[i + 1] for i in range(1, len(parts) - 1, 2)}
+
+
+def _pdl_problems(ptx: str) -> list:
+    """What keeps the PTX of the one-shot kernels from being safe under PDL (empty: nothing):
+    each kernel must issue griddepcontrol.launch_dependents, then griddepcontrol.wait, with no
+    memory access but kernel-parameter loads before the wait, and no non-coherent global load
+    (ld.global.nc / ldu, which ptxas may hoist above the wait) anywhere."""
+    import re
+
+    problems = []
+    entries = _ptx_entries(ptx)
+    for name in ONESHOT_KERNELS:
+        body = entries.get(name)
+        if body is None:
+            problems.append(f"{name}: not in the PTX")
+            continue
+        lines = [ln.strip() for ln in body.splitlines()]
+        launch = [i for i, ln in enumerate(lines) if ln.startswith("griddepcontrol.launch_dependents")]
+        wait = [i for i, ln in enumerate(lines) if ln.startswith("griddepcontrol.wait")]
+        if not launch:
+            problems.append(f"{name}: no griddepcontrol.launch_dependents")
+        if not wait:
+            problems.append(f"{name}: no griddepcontrol.wait")
+            continue
+        if launch and launch[0] > wait[0]:
+            problems.append(f"{name}: launch_dependents after wait")
+        for ln in lines[:wait[0]]:
+            instr = re.sub(r"^@!?%\w+\s+", "", ln)  # drop a predicate guard
+            op = instr.split()[0] if instr.split() else ""
+            if re.match(r"(ld|ldu|st|atom|red|cp|prefetch|prefetchu|multimem)\.", op) \
+                    and ".param" not in op:
+                problems.append(f"{name}: memory access before griddepcontrol.wait: {ln}")
+        for ln in lines:
+            if re.match(r"(@!?%\w+\s+)?(ld\.global\.nc|ldu\.)", ln):
+                problems.append(f"{name}: non-coherent load: {ln}")
+    return problems
+
+
+def _kernel_ptx(tmp_path, arch: str, source: str | None = None, name: str = "oneshot") -> str:
+    nvcc = _nvcc()
+    cu = tmp_path / f"{name}.cu"
+    cu.write_text(ccl.oneshot_source() if source is None else source)
+    ptx = tmp_path / f"{name}_{arch}.ptx"
+    r = subprocess.run([nvcc, f"-arch={arch}", "-ptx", "-O3", "--use_fast_math", "-o", str(ptx),
+                        str(cu)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return ptx.read_text()
+
+
+def test_pdl_checker_catches_what_it_should():
+    """The checker itself, on hand-written PTX (so that the tests below can fail)."""
+    def kernel(name, body):
+        return f".visible .entry {name}(\n  .param .align 8 .b8 p[272]\n)\n{{\n{body}\n}}\n"
+
+    good = ("ld.param.u64 %rd1, [p+0];\ngriddepcontrol.launch_dependents;\ngriddepcontrol.wait;\n"
+            "ld.global.v4.u32 {%r1, %r2, %r3, %r4}, [%rd1];\nret;")
+    assert _pdl_problems("".join(kernel(k, good) for k in ONESHOT_KERNELS)) == []
+    cases = {
+        "no griddepcontrol.wait": good.replace("griddepcontrol.wait;\n", ""),
+        "no griddepcontrol.launch_dependents": good.replace("griddepcontrol.launch_dependents;\n", ""),
+        "launch_dependents after wait": good.replace(
+            "griddepcontrol.launch_dependents;\ngriddepcontrol.wait;",
+            "griddepcontrol.wait;\ngriddepcontrol.launch_dependents;"),
+        "memory access before": good.replace(
+            "griddepcontrol.wait;", "@%p1 ld.global.u16 %rs1, [%rd1];\ngriddepcontrol.wait;"),
+        "non-coherent load": good.replace("ld.global.v4.u32", "ld.global.nc.v4.u32"),
+    }
+    for what, body in cases.items():
+        ptx = kernel(ONESHOT_KERNELS[0], body) + "".join(kernel(k, good) for k in ONESHOT_KERNELS[1:])
+        found = _pdl_problems(ptx)
+        assert found and all(ONESHOT_KERNELS[0] in f for f in found), (what, found)
+        assert any(what in f for f in found), (what, found)
+    assert any("not in the PTX" in f for f in _pdl_problems(kernel(ONESHOT_KERNELS[0], good)))
+
+
+def test_oneshot_ptx_waits_for_the_previous_kernel(plugin, tmp_path):
+    """sm_90a: launch_dependents, then griddepcontrol.wait before any global access (the send
+    buffer is the GEMV's output), and no ld.global.nc that ptxas could hoist above the wait."""
+    ptx = _kernel_ptx(tmp_path, "sm_90a")
+    assert _pdl_problems(ptx) == []
+    for name, body in _ptx_entries(ptx).items():
+        if name in ONESHOT_KERNELS:
+            assert body.count("griddepcontrol.wait") == 1 and body.count("griddepcontrol.launch_dependents") == 1
+    assert "ld.global.nc" not in ptx and "ldu." not in ptx
+
+
+def test_oneshot_sm80_build_has_no_griddepcontrol(plugin, tmp_path):
+    ptx = _kernel_ptx(tmp_path, "sm_80")
+    assert set(ONESHOT_KERNELS) <= set(_ptx_entries(ptx))
+    assert "griddepcontrol" not in ptx
+
+
+def test_pdl_ptx_check_fails_on_broken_kernels(plugin, tmp_path):
+    """Real compiles of two broken variants of the kernel: without the wait, and with the
+    send buffer's tail read through __ldg (ld.global.nc)."""
+    src = ccl.oneshot_source()
+    no_wait = src.replace("  mlc_pdl_wait();  // nothing global", "  // nothing global")
+    assert no_wait != src
+    assert any("no griddepcontrol.wait" in p
+               for p in _pdl_problems(_kernel_ptx(tmp_path, "sm_90a", no_wait, "no_wait")))
+    old = 'asm volatile("ld.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");'
+    assert old in src
+    ldg = src.replace(old, "v = __ldg(static_cast<const mlc_u32*>(p));")
+    assert any("non-coherent load" in p
+               for p in _pdl_problems(_kernel_ptx(tmp_path, "sm_90a", ldg, "ldg")))
+
+
+def _nvdisasm():
+    import shutil
+    from pathlib import Path
+
+    cands = [os.environ.get("MLC_NVDISASM"), shutil.which("nvdisasm")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        cands.append(str(Path(nvcc).resolve().parent / "nvdisasm"))
+    for c in cands:
+        if c and Path(c).is_file():
+            return c
+    pytest.skip("nvdisasm not found (CUDA toolkit, the nvidia-cuda-nvdisasm wheel or $MLC_NVDISASM)")
+
+
+def test_oneshot_sass_waits_before_any_global_access(plugin, tmp_path):
+    """What ptxas made of it (sm_90a SASS): PREEXIT (launch_dependents) and ACQBULK
+    (griddepcontrol.wait) come before every global/generic load, store or atomic."""
+    import re
+
+    nvcc, nvdisasm = _nvcc(), _nvdisasm()
+    cu = tmp_path / "oneshot.cu"
+    cu.write_text(ccl.oneshot_source())
+    cubin = tmp_path / "oneshot.cubin"
+    r = subprocess.run([nvcc, "-arch=sm_90a", "-cubin", "-O3", "--use_fast_math", "-o", str(cubin),
+                        str(cu)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    sass = subprocess.run([nvdisasm, str(cubin)], capture_output=True, text=True, timeout=300)
+    assert sass.returncode == 0, sass.stderr[-2000:]
+    funcs = re.split(r"^(mlc_oneshot_allreduce_\w+):", sass.stdout, flags=re.M)
+    bodies = {funcs[i]: funcs[i + 1] for i in range(1, len(funcs) - 1, 2)}
+    assert set(ONESHOT_KERNELS) <= set(bodies)
+    for name in ONESHOT_KERNELS:
+        ops = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", bodies[name])
+        assert "PREEXIT" in ops and "ACQBULK" in ops, (name, ops[:20])
+        wait = ops.index("ACQBULK")
+        assert ops.index("PREEXIT") < wait
+        early = [op for op in ops[:wait] if re.match(r"(LDG|STG|LD|ST|ATOM|ATOMG|RED|LDGSTS)(\.|$)", op)]
+        assert not early, (name, early)
+        assert not any(op.startswith("LDG") and ".CONSTANT" in op for op in ops), name
+
+
+def _syntax_check(src_path, extra: list) -> subprocess.CompletedProcess:
+    """g++ -fsyntax-only of nccl.cc (or a copy) with the plugin's include paths."""
+    cxx = ccl._compiler()
+    tc = ccl._toolchain()
+    cmd = [cxx, "-std=c++17", "-fsyntax-only", "-Wall", f"-I{tc['includes'][0]}"]
+    for inc in tc["includes"][1:]:
+        cmd += ["-isystem", inc]
+    return subprocess.run(cmd + extra + [str(src_path)], capture_output=True, text=True, timeout=300)
+
+
+def test_launch_structs_match_cuda_h(plugin, tmp_path):
+    """CUlaunchConfig / CUlaunchAttribute / cuLaunchKernelEx as nccl.cc declares them, checked
+    by its static_asserts against the real cuda.h (MLC_NCCL_CHECK_DRIVER_ABI: no nccl.h
+    needed); a copy with a wrong attribute id or layout must not compile."""
+    from pathlib import Path
+
+    inc = ccl.nccl_build_info()["cuda_include"]
+    if not inc or not (Path(inc) / "cuda.h").is_file():
+        pytest.skip("cuda.h not found (CUDA toolkit, or set CUDA_HOME)")
+    src = Path(ccl.__file__).parent / "nccl.cc"
+    abi = ["-DMLC_NCCL_CHECK_DRIVER_ABI", "-isystem", inc]
+    r = _syntax_check(src, abi)
+    assert r.returncode == 0, r.stderr[-3000:]
+    text = src.read_text()
+    wrong_id = text.replace("kLaunchAttributeProgrammaticStreamSerialization = 6;",
+                            "kLaunchAttributeProgrammaticStreamSerialization = 7;")
+    wrong_layout = text.replace("  unsigned int sharedMemBytes;\n  Stream hStream;",
+                                "  Stream hStream;\n  unsigned int sharedMemBytes;")
+    assert wrong_id != text and wrong_layout != text
+    for what, variant, needs_header in (("wrong_id", wrong_id, True), ("wrong_layout", wrong_layout, False)):
+        p = tmp_path / f"{what}.cc"
+        p.write_text(variant)
+        r = _syntax_check(p, abi)
+        assert r.returncode != 0 and "static assertion failed" in r.stderr, (what, r.stderr[-2000:])
+        # the plugin's own layout asserts catch a reordering even without cuda.h
+        r = _syntax_check(p, [])
+        assert (r.returncode == 0) == needs_header, (what, r.stderr[-2000:])
+
+
 def test_oneshot_compiles_through_tvm_callback(plugin, tmp_path):
     """init compiles the kernel with tvm_callback_cuda_compile in the controller; a missing or
     failing callback leaves NCCL in charge, with the reason."""
@@ -327,6 +527,9 @@ def test_path_helpers_talk_to_every_worker(monkeypatch):
     assert [d["args"] for d in got] == [["nccl", -1]] * 3
     ccl.set_allreduce_path(FakeSession(), "oneshot", max_bytes=4096)
     assert calls[-1] == ("runtime.disco.mlc_nccl.debug_set_allreduce_path", ("oneshot", 4096))
+    got = ccl.set_oneshot_pdl(FakeSession(), False)
+    assert [d["args"] for d in got] == [[0]] * 3
+    assert calls[-1] == ("runtime.disco.mlc_nccl.debug_set_oneshot_pdl", (0,))
 
 
 def test_allreduce_check_script_on_cpu(tmp_path):

@@ -31,7 +31,11 @@ its own kernels), so the plugin still builds with g++ alone; anything that keeps
 starting (``MLC_NCCL_ONESHOT=0``, no callback, no peer access, ...) leaves every all-reduce to
 NCCL, and :func:`allreduce_path` says which path is active and why. A wait for a peer gives up
 after ``MLC_NCCL_ONESHOT_TIMEOUT_S`` (30 s) and the worker's next all-reduce or sync reports it
-instead of hanging. See nccl.cc ("One-shot all-reduce") for the protocol.
+instead of hanging. On sm_90+ the kernel is launched with programmatic dependent launch
+(``cuLaunchKernelEx``, like the course's other decode kernels: it may start while the kernel
+before it still runs, and waits for it in ``griddepcontrol.wait``); ``MLC_NCCL_ONESHOT_PDL=0``
+launches it plainly, and :func:`allreduce_path` says which (``pdl``). See nccl.cc ("One-shot
+all-reduce") for the protocol.
 
 Typical use::
 
@@ -97,7 +101,7 @@ __all__ = [
     "benchmark_allreduce", "REDUCE_KINDS",
     "NCCL_CCL_NAME", "NCCL_LIB_NAME", "NcclCCL", "nccl_build_info", "build_nccl_ccl",
     "load_nccl_ccl", "init_nccl_ccl", "find_nccl_library", "find_cudart_library",
-    "allreduce_path", "set_allreduce_path", "oneshot_source",
+    "allreduce_path", "set_allreduce_path", "set_oneshot_pdl", "oneshot_source",
 ]
 
 #: Name under which the CPU CCL registers (``runtime.disco.cpu_shm.*``).
@@ -675,7 +679,7 @@ class NcclCCL:
 def init_nccl_ccl(session, num_workers: int | None = None, *, device_ids=None,
                   disable_nvls: bool = True, oneshot: bool | None = None,
                   oneshot_max_bytes: int | None = None, oneshot_timeout_s: float | None = None,
-                  verbose: bool = False) -> NcclCCL:
+                  oneshot_pdl: bool | None = None, verbose: bool = False) -> NcclCCL:
     """Load the NCCL plugin into every worker of ``session`` and make it the session's CCL.
 
     The controller creates one ``ncclUniqueId`` and every worker calls ``cudaSetDevice``
@@ -690,7 +694,9 @@ def init_nccl_ccl(session, num_workers: int | None = None, *, device_ids=None,
     ``oneshot_max_bytes`` (``MLC_NCCL_ONESHOT_MAX_BYTES``, 262144: the largest message it
     takes, and the size of its buffers, 2 x workers x this per GPU), ``oneshot_timeout_s``
     (``MLC_NCCL_ONESHOT_TIMEOUT_S``, 30: how long a kernel waits for a peer before it gives up
-    and the worker reports an error). The result's ``allreduce`` says what was set up.
+    and the worker reports an error), ``oneshot_pdl`` (``MLC_NCCL_ONESHOT_PDL``, default on:
+    programmatic dependent launch of its kernel on sm_90+). The result's ``allreduce`` says what
+    was set up.
     Compiling its kernel needs ``tvm_callback_cuda_compile`` in this process (TVM's own, or the
     course's nvcc one on GPU machines); without it all-reduces go to NCCL, and say so.
     """
@@ -725,6 +731,13 @@ def init_nccl_ccl(session, num_workers: int | None = None, *, device_ids=None,
         configure_oneshot(-1 if oneshot is None else int(bool(oneshot)),
                           -1 if oneshot_max_bytes is None else int(oneshot_max_bytes),
                           -1.0 if oneshot_timeout_s is None else float(oneshot_timeout_s))
+    configure_pdl = tvm.get_global_func(f"runtime.disco.{NCCL_CCL_NAME}.configure_oneshot_pdl",
+                                        allow_missing=True)
+    if configure_pdl is not None:  # -1: the controller reads $MLC_NCCL_ONESHOT_PDL at init
+        configure_pdl(-1 if oneshot_pdl is None else int(bool(oneshot_pdl)))
+    elif oneshot_pdl is not None:
+        warnings.warn(f"{path} predates MLC_NCCL_ONESHOT_PDL: oneshot_pdl={oneshot_pdl} ignored",
+                      stacklevel=2)
     session.get_global_func("runtime.disco.load_vm_module")(str(path), tvm.cpu(0))
     if verbose:
         print(f"[mlc_course.ccl] {NCCL_CCL_NAME}: {info}", file=sys.stderr)
@@ -752,8 +765,9 @@ def allreduce_path(session, worker: int | None = 0):
     ``path`` ("oneshot" or "nccl" for calls that qualify; see the module docstring), ``reason``
     (why it is or is not set up), ``kernel`` (how its kernel was built), ``max_bytes``,
     ``timeout_s``, ``peers`` (how each rank's buffer is reached: "self", "cuda ipc", "peer
-    access"), ``oneshot_calls`` / ``nccl_calls`` (all-reduces dispatched by the host each way;
-    CUDA-graph replays are not counted) and ``error`` (a one-shot kernel that gave up). Meant
+    access"), ``pdl`` (whether the kernel is launched with programmatic dependent launch),
+    ``pdl_supported`` and ``pdl_note`` (why or why not), ``oneshot_calls`` / ``nccl_calls``
+    (all-reduces dispatched by the host each way; CUDA-graph replays are not counted) and ``error`` (a one-shot kernel that gave up). Meant
     for result files and A/B runs.
     """
     return _on_workers(session, "debug_allreduce_path", worker=worker)
@@ -767,6 +781,14 @@ def set_allreduce_path(session, mode: str = "oneshot", max_bytes: int | None = N
     :func:`allreduce_path`."""
     return _on_workers(session, "debug_set_allreduce_path", str(mode),
                        -1 if max_bytes is None else int(max_bytes), worker=None)
+
+
+def set_oneshot_pdl(session, on: bool = True) -> list:
+    """Switch programmatic dependent launch of every worker's one-shot kernel (on only where
+    :func:`allreduce_path` says ``pdl_supported``; an error otherwise). For A/B timing in one
+    session; calls captured in a CUDA graph keep the launch they were captured with. Returns
+    every worker's :func:`allreduce_path`."""
+    return _on_workers(session, "debug_set_oneshot_pdl", int(bool(on)), worker=None)
 
 
 def oneshot_source() -> str:

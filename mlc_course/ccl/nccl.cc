@@ -67,6 +67,13 @@
  *   - CUDA graphs: the kernel is launched on the stream NCCL would use (see Streams); it does no
  *     host synchronisation or allocation; its epoch lives in device memory and is advanced by
  *     the kernel, so a replay of a captured call moves on by itself.
+ *   - Programmatic dependent launch (PDL): on sm_90+ the kernel is launched with cuLaunchKernelEx
+ *     and programmaticStreamSerializationAllowed, like the course's other decode kernels
+ *     (cuda_device.py): it may start while the GEMV before it still runs and waits for it with
+ *     griddepcontrol.wait before touching global memory, and it lets the kernel after it start
+ *     early (griddepcontrol.launch_dependents, its first instruction).  Plain cuLaunchKernel on
+ *     older GPUs, without cuLaunchKernelEx, or with MLC_NCCL_ONESHOT_PDL=0 (read by the
+ *     controller, handed to the workers); `debug_allreduce_path` says which ("pdl").
  *   - Never hangs: the wait gives up after `timeout_s` (default 30 s, MLC_NCCL_ONESHOT_TIMEOUT_S;
  *     a generous default because a peer may legitimately be seconds behind, e.g. still
  *     uploading weights before its first collective), writes an error word to mapped host
@@ -112,6 +119,12 @@
 #include <cuda.h>
 #include <cuda_runtime_api.h>
 #include <nccl.h>
+#endif
+// MLC_NCCL_CHECK_DRIVER_ABI: a build (or a syntax check, see tests/test_ccl_nccl.py) with the
+// real cuda.h but without nccl.h: checks the launch structs declared below against cuda.h.
+#if defined(MLC_NCCL_WITH_HEADERS) || defined(MLC_NCCL_CHECK_DRIVER_ABI)
+#include <cuda.h>
+#define MLC_NCCL_HAVE_CUDA_H 1
 #endif
 
 namespace mlc_course {
@@ -239,6 +252,80 @@ using CuLaunchKernelFn = CuResult (*)(CuFunction, unsigned int, unsigned int, un
 using CuGetErrorStringFn = CuResult (*)(CuResult, const char**);
 using CuCtxGetCurrentFn = CuResult (*)(CuContext*);
 using CuCtxSetCurrentFn = CuResult (*)(CuContext);
+using CuFuncGetAttributeFn = CuResult (*)(int*, int, CuFunction);  // (CUfunction_attribute: an enum)
+constexpr int kFuncAttributePtxVersion = 5;  // CU_FUNC_ATTRIBUTE_PTX_VERSION
+
+// cuLaunchKernelEx (driver API, CUDA 11.8+) and its two structs, declared here after the public
+// driver ABI (cuda.h: CUlaunchAttribute, CUlaunchConfig) so that the plugin builds without
+// cuda.h; with cuda.h the compiler checks them below.  Only the attribute used here is named.
+constexpr int kLaunchAttributeProgrammaticStreamSerialization = 6;  // CU_LAUNCH_ATTRIBUTE_...
+struct OwnLaunchAttribute {      // CUlaunchAttribute
+  int id;                        // CUlaunchAttributeID (a C enum)
+  char pad[4];                   // pad[8 - sizeof(CUlaunchAttributeID)]
+  union alignas(8) {             // CUlaunchAttributeValue: 64 bytes, holds pointers
+    char bytes[64];
+    int programmaticStreamSerializationAllowed;
+  } value;
+};
+struct OwnLaunchConfig {         // CUlaunchConfig
+  unsigned int gridDimX, gridDimY, gridDimZ;
+  unsigned int blockDimX, blockDimY, blockDimZ;
+  unsigned int sharedMemBytes;
+  Stream hStream;
+  OwnLaunchAttribute* attrs;
+  unsigned int numAttrs;
+};
+static_assert(sizeof(OwnLaunchAttribute) == 72 && alignof(OwnLaunchAttribute) == 8 &&
+                  offsetof(OwnLaunchAttribute, value) == 8,
+              "CUlaunchAttribute layout (LP64)");
+static_assert(sizeof(OwnLaunchConfig) == 56 && offsetof(OwnLaunchConfig, sharedMemBytes) == 24 &&
+                  offsetof(OwnLaunchConfig, hStream) == 32 && offsetof(OwnLaunchConfig, attrs) == 40 &&
+                  offsetof(OwnLaunchConfig, numAttrs) == 48,
+              "CUlaunchConfig layout (LP64)");
+#ifdef MLC_NCCL_WITH_HEADERS
+using LaunchAttribute = CUlaunchAttribute;
+using LaunchConfig = CUlaunchConfig;
+#else
+using LaunchAttribute = OwnLaunchAttribute;
+using LaunchConfig = OwnLaunchConfig;
+#endif
+using CuLaunchKernelExFn = CuResult (*)(const LaunchConfig*, CuFunction, void**, void**);
+
+#ifdef MLC_NCCL_HAVE_CUDA_H
+// The real cuda.h is here: the declarations above must match it field by field.
+static_assert(sizeof(OwnLaunchAttribute) == sizeof(CUlaunchAttribute) &&
+                  alignof(OwnLaunchAttribute) == alignof(CUlaunchAttribute) &&
+                  offsetof(OwnLaunchAttribute, id) == offsetof(CUlaunchAttribute, id) &&
+                  sizeof(OwnLaunchAttribute::id) == sizeof(CUlaunchAttribute::id) &&
+                  offsetof(OwnLaunchAttribute, value) == offsetof(CUlaunchAttribute, value) &&
+                  sizeof(OwnLaunchAttribute::value) == sizeof(CUlaunchAttribute::value),
+              "CUlaunchAttribute layout");
+static_assert(offsetof(CUlaunchAttributeValue, programmaticStreamSerializationAllowed) == 0 &&
+                  sizeof(CUlaunchAttributeValue::programmaticStreamSerializationAllowed) == sizeof(int),
+              "CUlaunchAttributeValue::programmaticStreamSerializationAllowed");
+static_assert(sizeof(OwnLaunchConfig) == sizeof(CUlaunchConfig) &&
+                  alignof(OwnLaunchConfig) == alignof(CUlaunchConfig) &&
+                  offsetof(OwnLaunchConfig, gridDimX) == offsetof(CUlaunchConfig, gridDimX) &&
+                  offsetof(OwnLaunchConfig, blockDimX) == offsetof(CUlaunchConfig, blockDimX) &&
+                  offsetof(OwnLaunchConfig, blockDimZ) == offsetof(CUlaunchConfig, blockDimZ) &&
+                  offsetof(OwnLaunchConfig, sharedMemBytes) == offsetof(CUlaunchConfig, sharedMemBytes) &&
+                  offsetof(OwnLaunchConfig, hStream) == offsetof(CUlaunchConfig, hStream) &&
+                  offsetof(OwnLaunchConfig, attrs) == offsetof(CUlaunchConfig, attrs) &&
+                  offsetof(OwnLaunchConfig, numAttrs) == offsetof(CUlaunchConfig, numAttrs),
+              "CUlaunchConfig layout");
+static_assert(CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION ==
+                  kLaunchAttributeProgrammaticStreamSerialization,
+              "CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION");
+static_assert(CU_FUNC_ATTRIBUTE_PTX_VERSION == kFuncAttributePtxVersion, "CU_FUNC_ATTRIBUTE_PTX_VERSION");
+static_assert(sizeof(CUlaunchAttributeID) == sizeof(int) && sizeof(CUfunction_attribute) == sizeof(int),
+              "driver API enums are passed as int");
+static_assert(std::is_same_v<CUresult (*)(const CUlaunchConfig*, CUfunction, void**, void**),
+                             decltype(&::cuLaunchKernelEx)>,
+              "cuLaunchKernelEx");
+static_assert(std::is_same_v<CUresult (*)(int*, CUfunction_attribute, CUfunction),
+                             decltype(&::cuFuncGetAttribute)>,
+              "cuFuncGetAttribute");
+#endif
 
 #ifdef MLC_NCCL_WITH_HEADERS
 // The build found the real headers: let the compiler check every assumption above.
@@ -318,6 +405,7 @@ static_assert(std::is_same_v<CuLaunchKernelFn, decltype(&::cuLaunchKernel)>);
 static_assert(std::is_same_v<CuGetErrorStringFn, decltype(&::cuGetErrorString)>);
 static_assert(std::is_same_v<CuCtxGetCurrentFn, decltype(&::cuCtxGetCurrent)>);
 static_assert(std::is_same_v<CuCtxSetCurrentFn, decltype(&::cuCtxSetCurrent)>);
+static_assert(std::is_same_v<CuLaunchKernelExFn, decltype(&::cuLaunchKernelEx)>);
 #endif
 }  // namespace api
 
@@ -709,10 +797,46 @@ __device__ __forceinline__ MlcChunk mlc_ld_chunk(const void* p) {
                : "memory");
   return v;
 }
+// scalar loads of the send buffer (its unaligned or ragged tail), also in PTX: a plain C++ load
+// could become ld.global.nc, which ptxas may hoist above griddepcontrol.wait (see mlc_pdl_wait)
+__device__ __forceinline__ mlc_u32 mlc_ld_u32(const void* p) {
+  mlc_u32 v;
+  asm volatile("ld.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ mlc_u32 mlc_ld_u16(const void* p) {
+  mlc_u16 v;
+  asm volatile("ld.global.u16 %0, [%1];" : "=h"(v) : "l"(p) : "memory");
+  return (mlc_u32)v;
+}
 __device__ __forceinline__ void mlc_st_chunk(void* p, const MlcChunk& v) {
   asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(v.w[0]), "r"(v.w[1]),
                "r"(v.w[2]), "r"(v.w[3])
                : "memory");
+}
+
+// ---- programmatic dependent launch (sm_90+) ----
+// The host launches this kernel with programmaticStreamSerializationAllowed on sm_90+ (unless
+// MLC_NCCL_ONESHOT_PDL=0), like every other kernel of the decode step: it may then start while
+// the kernel before it (the GEMV that writes `send`) is still running, and the kernel after it
+// may start once every block of this one has passed mlc_pdl_launch_dependents.  So:
+//   - launch_dependents comes first: the next kernel only gets its blocks resident and then
+//     waits in its own griddepcontrol.wait until this grid has completed and flushed (that
+//     wait covers the whole grid, not the trigger), so triggering early is always safe;
+//   - wait comes before *any* global memory access: `send` is written by the previous kernel,
+//     and the epochs, flags, slots and abort words by earlier one-shot kernels (also earlier in
+//     this stream).  Every global load here is asm volatile with a "memory" clobber and none is
+//     ld.global.nc, so neither the compiler nor ptxas can move one above the wait.
+// Without the launch attribute (older GPUs, MLC_NCCL_ONESHOT_PDL=0) both are no-ops.
+__device__ __forceinline__ void mlc_pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void mlc_pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
 }
 
 // ---- numbers: exact conversions, round-to-nearest-even, no flush to zero ----
@@ -781,9 +905,9 @@ __device__ __forceinline__ MlcChunk mlc_load_input(const void* base, mlc_u64 c, 
   for (int k = 0; k < MlcType<DT>::kPerChunk; ++k) {
     if (c * 16 + (mlc_u64)(k + 1) * MlcType<DT>::kBytes > nbytes) break;
     if (MlcType<DT>::kBytes == 4) {
-      v.w[k] = *reinterpret_cast<const mlc_u32*>(p + 4 * k);
+      v.w[k] = mlc_ld_u32(p + 4 * k);
     } else {
-      v.w[k >> 1] |= (mlc_u32)(*reinterpret_cast<const mlc_u16*>(p + 2 * k)) << ((k & 1) * 16);
+      v.w[k >> 1] |= mlc_ld_u16(p + 2 * k) << ((k & 1) * 16);
     }
   }
   return v;
@@ -834,6 +958,8 @@ __device__ __forceinline__ void mlc_oneshot_body(const MlcOneshotArgs& a) {
   const int r = a.rank;
   __shared__ mlc_u64 s_epoch;
   __shared__ mlc_u32 s_abort;
+  mlc_pdl_launch_dependents();
+  mlc_pdl_wait();  // nothing global is read or written above this line
   if (tid == 0) {
     const mlc_u64 e = mlc_ld_cg_u64(a.epochs + b) + 1ull;  // only this block of this rank
     a.epochs[b] = e;                                       // writes it; kernels are ordered
@@ -1041,6 +1167,9 @@ struct Driver {
   api::CuGetErrorStringFn GetErrorString = nullptr;
   api::CuCtxGetCurrentFn CtxGetCurrent = nullptr;
   api::CuCtxSetCurrentFn CtxSetCurrent = nullptr;
+  // optional (nullptr when this libcuda lacks them): programmatic dependent launch
+  api::CuLaunchKernelExFn LaunchKernelEx = nullptr;
+  api::CuFuncGetAttributeFn FuncGetAttribute = nullptr;
 };
 
 std::mutex g_driver_mutex;
@@ -1061,6 +1190,11 @@ Driver* GetDriver() {
   Bind(d->lib, "cuGetErrorString", &d->GetErrorString, name);
   Bind(d->lib, "cuCtxGetCurrent", &d->CtxGetCurrent, name);
   Bind(d->lib, "cuCtxSetCurrent", &d->CtxSetCurrent, name);
+  dlerror();
+  d->LaunchKernelEx = reinterpret_cast<api::CuLaunchKernelExFn>(dlsym(d->lib, "cuLaunchKernelEx"));
+  d->FuncGetAttribute =
+      reinterpret_cast<api::CuFuncGetAttributeFn>(dlsym(d->lib, "cuFuncGetAttribute"));
+  dlerror();
   d->path = PathOf(reinterpret_cast<void*>(d->ModuleLoadData), opened);
   g_driver = d.release();
   return g_driver;
@@ -1098,12 +1232,18 @@ struct OneShot {
   std::vector<std::string> peer_kind;  // "self", "cuda ipc", "peer access"
   OneShotArgs args{};                  // everything but send/recv/nbytes/alignment
   uint64_t oneshot_calls = 0, nccl_calls = 0;  // host-side dispatches (not graph replays)
+  // programmatic dependent launch (cuLaunchKernelEx with programmaticStreamSerializationAllowed)
+  bool pdl_requested = true;   // the controller's setting (MLC_NCCL_ONESHOT_PDL)
+  bool pdl_supported = false;  // sm_90+, cuLaunchKernelEx present, kernel built for sm_90+
+  bool pdl = false;            // what launches use now (debug_set_oneshot_pdl flips it)
+  std::string pdl_note;        // why (not)
 };
 
 /*! \brief Frees what SetupOneShot made (best effort, never throws: runs at thread exit too). */
 void ReleaseOneShot(OneShot* os) {
   Libs* l = g_libs;
   os->active = os->enabled = false;
+  os->pdl = os->pdl_supported = false;
   if (l == nullptr) return;
   bool any = os->buffer || os->epochs || os->host_error || os->module;
   for (int q = 0; q < kOneShotMaxRanks; ++q) any = any || os->ipc_opened[q];
@@ -1191,12 +1331,14 @@ bool g_disable_nvls = true;
 int g_oneshot_mode = -1;
 int64_t g_oneshot_max_bytes = -1;
 double g_oneshot_timeout_s = -1;
+int g_oneshot_pdl = -1;  // set by `configure_oneshot_pdl`: 1 on, 0 off, -1 MLC_NCCL_ONESHOT_PDL
 
 /*! \brief What the controller tells every worker about the one-shot path. */
 struct OneShotConfig {
   bool enabled = true;
   int64_t max_bytes = kOneShotDefaultMaxBytes;
   double timeout_s = kOneShotDefaultTimeoutS;
+  bool pdl = true;  // launch with programmatic dependent launch where the GPU can
   std::string why_off;
 };
 
@@ -1205,8 +1347,10 @@ OneShotConfig ResolveOneShotConfig() {
   int mode;
   int64_t max_bytes;
   double timeout_s;
+  int pdl;
   {
     std::lock_guard<std::mutex> lock(g_config_mutex);
+    pdl = g_oneshot_pdl;
     mode = g_oneshot_mode;
     max_bytes = g_oneshot_max_bytes;
     timeout_s = g_oneshot_timeout_s;
@@ -1229,6 +1373,13 @@ OneShotConfig ResolveOneShotConfig() {
     timeout_s = (v && *v) ? std::strtod(v, nullptr) : kOneShotDefaultTimeoutS;
     if (!(timeout_s > 0)) timeout_s = kOneShotDefaultTimeoutS;
   }
+  if (pdl < 0) {
+    const char* v = std::getenv("MLC_NCCL_ONESHOT_PDL");
+    std::string s = v ? v : "";
+    std::transform(s.begin(), s.end(), s.begin(), [](unsigned char ch) { return std::tolower(ch); });
+    pdl = (s == "0" || s == "off" || s == "false" || s == "no") ? 0 : 1;
+  }
+  c.pdl = pdl != 0;
   c.enabled = mode != 0 && max_bytes > 0;
   c.max_bytes = std::max<int64_t>(max_bytes, 0);
   c.timeout_s = timeout_s;
@@ -1376,6 +1527,50 @@ std::vector<Record> AllGatherRecords(Context* ctx, const Record& mine) {
   return all;
 }
 
+/*!
+ * \brief Whether the one-shot kernel is launched with programmatic dependent launch: asked for
+ * (MLC_NCCL_ONESHOT_PDL, default on), a GPU of compute capability 9.0+, cuLaunchKernelEx in
+ * libcuda, and kernels compiled for compute_90+ (CU_FUNC_ATTRIBUTE_PTX_VERSION >= 90: only then
+ * do they contain griddepcontrol.wait; a PTX-JIT of an older build would not, and must not be
+ * launched early).  Local to this rank: it changes when the kernel starts, never what it does,
+ * so ranks may differ.
+ */
+void DecideOneShotPdl(OneShot* os, Driver* d, int major, int minor) {
+  os->pdl_supported = false;
+  const std::string cc = "sm_" + std::to_string(major) + std::to_string(minor);
+  if (major < 9) {
+    os->pdl_note = "no: " + cc + " (programmatic dependent launch needs sm_90+)";
+  } else if (d->LaunchKernelEx == nullptr) {
+    os->pdl_note = "no: libcuda has no cuLaunchKernelEx";
+  } else if (d->FuncGetAttribute == nullptr) {
+    os->pdl_note = "no: libcuda has no cuFuncGetAttribute";
+  } else {
+    int lowest = 1 << 30;
+    for (int k = 0; k < 3; ++k) {
+      int v = 0;
+      if (static_cast<int>(d->FuncGetAttribute(&v, api::kFuncAttributePtxVersion, os->fn[k])) !=
+          api::kSuccess) {
+        v = 0;
+      }
+      lowest = std::min(lowest, v);
+    }
+    if (lowest < 90) {
+      os->pdl_note = "no: the kernel was compiled for compute_" + std::to_string(lowest) +
+                     " (no griddepcontrol before compute_90)";
+    } else {
+      os->pdl_supported = true;
+      os->pdl_note = "cuLaunchKernelEx, programmatic stream serialization (" + cc + ", compute_" +
+                     std::to_string(lowest) + ")";
+    }
+  }
+  os->pdl = os->pdl_supported && os->pdl_requested;
+  if (os->pdl_supported && !os->pdl_requested) {
+    os->pdl_note = "switched off (MLC_NCCL_ONESHOT_PDL=0 or configure_oneshot_pdl); would use " +
+                   os->pdl_note;
+  }
+  if (!os->pdl) os->pdl_note += "; plain cuLaunchKernel";
+}
+
 /*! \brief This rank's part: load the kernel, allocate buffer, epochs and error word. */
 void OneShotLocalSetup(Context* ctx, const std::string& kernel, OneShotPeerRecord* rec) {
   Libs* l = g_libs;
@@ -1395,6 +1590,7 @@ void OneShotLocalSetup(Context* ctx, const std::string& kernel, OneShotPeerRecor
     SETUP_CU(std::string("cuModuleGetFunction ") + kOneShotKernels[k],
              d->ModuleGetFunction(&os.fn[k], os.module, kOneShotKernels[k]));
   }
+  DecideOneShotPdl(&os, d, major, minor);
   os.layout = PlanOneShotLayout(ctx->num_workers, os.capacity);
   SETUP_CUDA("cudaMalloc", l->Malloc(reinterpret_cast<void**>(&os.buffer), os.layout.total_bytes));
   SETUP_CUDA("cudaMemset", l->Memset(os.buffer, 0, os.layout.total_bytes));
@@ -1503,6 +1699,8 @@ void SetupOneShot(Context* ctx, const ffi::Shape& cfg, const std::string& kernel
   os.capacity = cfg.size() >= 3 ? cfg[1] : 0;
   os.max_bytes = os.capacity;
   os.timeout_s = cfg.size() >= 3 ? static_cast<double>(cfg[2]) / 1000.0 : kOneShotDefaultTimeoutS;
+  os.pdl_requested = cfg.size() >= 4 ? cfg[3] != 0 : true;
+  os.pdl_note = "not set up";
   const int n = ctx->num_workers;
   if (!enabled) {
     os.reason = note.empty() ? "switched off" : note;
@@ -1600,8 +1798,9 @@ void InitCCL(Session sess, ffi::Shape device_ids) {
   if (oc.enabled && num_workers >= 2 && num_workers <= kOneShotMaxRanks) {
     kernel = CompileOneShotKernel(&note);
   }
+  // (enabled, max_bytes, timeout in ms, pdl)
   ffi::Shape oneshot_cfg({oc.enabled ? 1 : 0, oc.max_bytes,
-                          static_cast<int64_t>(oc.timeout_s * 1000.0 + 0.5)});
+                          static_cast<int64_t>(oc.timeout_s * 1000.0 + 0.5), oc.pdl ? 1 : 0});
   DRef func = sess->GetGlobalFunc("runtime.disco." MLC_CCL_NAME ".init_ccl_per_worker");
   // Workers open the libraries the controller opened (same files, same versions).
   sess->CallPacked(func, device_ids, id_bytes, ffi::String(libs->nccl_path),
@@ -1733,11 +1932,32 @@ bool TryOneShot(Context* ctx, const Tensor& send, int kind, bool in_group, const
   api::CuContext current = nullptr;
   d->CtxGetCurrent(&current);
   if (current != os.cu_ctx) d->CtxSetCurrent(os.cu_ctx);  // (TVM keeps it current: rare)
-  api::CuResult r = d->LaunchKernel(os.fn[which], OneShotBlocks(a.nbytes, os.layout.max_blocks),
-                                    1, 1, kOneShotThreads, 1, 1, 0, ctx->stream(), params, nullptr);
+  const unsigned blocks = OneShotBlocks(a.nbytes, os.layout.max_blocks);
+  api::CuResult r;
+  if (os.pdl) {  // may start before the kernel before it ends: the kernel waits (griddepcontrol)
+    api::LaunchAttribute attr;
+    std::memset(&attr, 0, sizeof(attr));
+    attr.id = static_cast<decltype(attr.id)>(api::kLaunchAttributeProgrammaticStreamSerialization);
+    attr.value.programmaticStreamSerializationAllowed = 1;
+    api::LaunchConfig cfg;
+    std::memset(&cfg, 0, sizeof(cfg));
+    cfg.gridDimX = blocks;
+    cfg.gridDimY = cfg.gridDimZ = 1;
+    cfg.blockDimX = kOneShotThreads;
+    cfg.blockDimY = cfg.blockDimZ = 1;
+    cfg.sharedMemBytes = 0;
+    cfg.hStream = ctx->stream();
+    cfg.attrs = &attr;
+    cfg.numAttrs = 1;
+    r = d->LaunchKernelEx(&cfg, os.fn[which], params, nullptr);
+  } else {
+    r = d->LaunchKernel(os.fn[which], blocks, 1, 1, kOneShotThreads, 1, 1, 0, ctx->stream(),
+                        params, nullptr);
+  }
   if (current != os.cu_ctx && current != nullptr) d->CtxSetCurrent(current);
   if (static_cast<int>(r) != api::kSuccess) {
-    CCL_ERROR << "allreduce: cuLaunchKernel(" << kOneShotKernels[which] << "): " << CuErrorText(r);
+    CCL_ERROR << "allreduce: " << (os.pdl ? "cuLaunchKernelEx(" : "cuLaunchKernel(")
+              << kOneShotKernels[which] << "): " << CuErrorText(r);
   }
   ++os.oneshot_calls;
   return true;
@@ -1915,6 +2135,9 @@ std::string AllReducePathJson(const Context* ctx) {
     << ", \"device\": " << ctx->device_id << ", \"max_bytes\": " << os.max_bytes
     << ", \"capacity_bytes\": " << os.capacity << ", \"timeout_s\": " << os.timeout_s
     << ", \"max_blocks\": " << os.layout.max_blocks << ", \"threads\": " << kOneShotThreads
+    << ", \"pdl\": " << (os.pdl ? "true" : "false")
+    << ", \"pdl_supported\": " << (os.pdl_supported ? "true" : "false")
+    << ", \"pdl_note\": \"" << JsonEscape(os.pdl_note) << "\""
     << ", \"peers\": [";
   for (size_t q = 0; q < os.peer_kind.size(); ++q) {
     j << (q ? ", " : "") << "\"" << os.peer_kind[q] << "\"";
@@ -1949,6 +2172,22 @@ std::string SetAllReducePath(ffi::String mode, int64_t max_bytes) {
     }
     os.max_bytes = max_bytes;
   }
+  return AllReducePathJson(ctx);
+}
+
+/*!
+ * \brief Switch programmatic dependent launch of this worker's one-shot kernel: 1 on (only where
+ * supported, see DecideOneShotPdl), 0 off (plain cuLaunchKernel).  Calls already captured in a
+ * CUDA graph keep the launch they were captured with.  Returns AllReducePathJson.
+ */
+std::string SetOneShotPdl(int64_t on) {
+  Context* ctx = Ctx("debug_set_oneshot_pdl");
+  OneShot& os = ctx->oneshot;
+  if (on != 0 && !os.pdl_supported) {
+    CCL_ERROR << "debug_set_oneshot_pdl: programmatic dependent launch is not available: "
+              << os.pdl_note;
+  }
+  os.pdl = on != 0;
   return AllReducePathJson(ctx);
 }
 
@@ -2042,6 +2281,15 @@ TVM_FFI_STATIC_INIT_BLOCK() {
              g_oneshot_max_bytes = max_bytes;
              g_oneshot_timeout_s = timeout_s;
            })
+      // Controller: programmatic dependent launch of the one-shot kernel for the next init_ccl
+      // (1 on where the GPU can, 0 off, -1 from MLC_NCCL_ONESHOT_PDL, default on).
+      .def("runtime.disco." MLC_CCL_NAME ".configure_oneshot_pdl",
+           [](int64_t mode) {
+             std::lock_guard<std::mutex> lock(g_config_mutex);
+             g_oneshot_pdl = mode < 0 ? -1 : (mode != 0 ? 1 : 0);
+           })
+      // Worker: PDL on (1) or off (0) for this worker's later one-shot launches (A/B timing).
+      .def("runtime.disco." MLC_CCL_NAME ".debug_set_oneshot_pdl", SetOneShotPdl)
       // Worker: which path sum all-reduces take and why, as JSON (see AllReducePathJson).
       .def("runtime.disco." MLC_CCL_NAME ".debug_allreduce_path",
            []() -> ffi::String { return AllReducePathJson(Ctx("debug_allreduce_path")); })
