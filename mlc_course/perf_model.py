@@ -95,18 +95,18 @@ PARAMETERS: dict[str, Param] = {
     # --- the course engine with a static KV cache, each decode step one CUDA graph ----------
     # (fitted by calibrate_course_graph() from the CUPTI kernel traces of data/results/gpu_h100x1.json:
     # half2 GEMVs, programmatic dependent launch, the argmax on the GPU)
-    "rate.course-graph.q4": Param(3.076e12, "B/s", "fitted: the course's 4-bit decode GEMVs (half2 form, "
+    "rate.course-graph.q4": Param(3.066e12, "B/s", "fitted: the course's 4-bit decode GEMVs (half2 form, "
                                   "two rows a thread) stream weights at this rate plus t_gemv.static_graph "
                                   "per GEMV: the two-point fit of the GEMV time per token of Llama-2-7B "
-                                  "(1824 us) and Llama-2-70B (14099 us) on one H100 (calibrate_course_graph(), "
+                                  "(1814 us) and Llama-2-70B (14104 us) on one H100 (calibrate_course_graph(), "
                                   "data/results/gpu_h100x1.json). Above the H100's read+write copy (a pure "
                                   "read); on an H200 the GEMVs are capped by min(copy, rate)"),
     "eta.course-graph": Param(1.0, "of copy bw", "assumed: below rate.course-graph.q4 the 4-bit GEMVs "
                               "read at the copy rate (the float16 ones do, eta.course-graph.q0)"),
-    "t_gemv.static_graph": Param(4.77e-6, "s", "fitted: the same fit's fixed time per GEMV (launch, "
+    "t_gemv.static_graph": Param(4.66e-6, "s", "fitted: the same fit's fixed time per GEMV (launch, "
                                  "ramp-up, the warp sums, the tail of the last wave)"),
-    "eta.course-graph.q0": Param(1.04, "of copy bw", "fitted: Llama-2-7B q0f16 on one H100, its float16 "
-                                 "GEMVs (4903 us per token for 13.2 GB) less t_gemv.static_graph each: "
+    "eta.course-graph.q0": Param(1.034, "of copy bw", "fitted: Llama-2-7B q0f16 on one H100, its float16 "
+                                 "GEMVs (4896 us per token for 13.2 GB) less t_gemv.static_graph each: "
                                  "a pure read streams a little faster than the read+write copy"),
     "gemvs_per_layer.static": Param(4, "GEMVs", "counted: QKV, O (+add), gate/up, down (+add); plus "
                                     "the lm_head once per token"),
@@ -114,8 +114,8 @@ PARAMETERS: dict[str, Param] = {
                                       "decode function: 2 RMSNorms, RoPE + K/V write, attention, attention "
                                       "combine, SiLU*up (model.py)"),
     "kernels_fixed.static": Param(3, "kernels", "counted: embedding, final norm, greedy argmax"),
-    "t_kernel.static_graph": Param(1.54e-6, "s", "fitted: Llama-2-7B q4 on one H100, 461.2 tok/s = "
-                                   "2168 us per token, less its GEMVs (1824 us) and the KV cache read at "
+    "t_kernel.static_graph": Param(1.49e-6, "s", "fitted: Llama-2-7B q4 on one H100, 465.4 tok/s = "
+                                   "2149 us per token, less its GEMVs (1814 us) and the KV cache read at "
                                    "the GEMV rate, over 6 x 32 + 3 other kernels: their run time and what "
                                    "the graph adds between them (calibrate_course_graph())"),
     # the previous static engine (group-sum float32 GEMVs, separate RoPE and cache write, the

@@ -132,6 +132,21 @@ def decode_record(eng, results: list, bandwidth: float | None, prompt_len: int, 
                          + (f", {shards} GPUs (disco + NCCL)" if shards > 1 else "")}
 
 
+def allreduce_info(sess) -> dict:
+    """``allreduce`` (the path the workers' sum all-reduces take: ``oneshot``, the NCCL
+    plugin's kernel over peer memory, or ``nccl``) and ``allreduce_detail`` (why, how) of a
+    disco session on GPUs (:func:`mlc_course.ccl.allreduce_path`)."""
+    from . import ccl
+
+    try:
+        info = ccl.allreduce_path(sess)
+    except Exception as e:  # noqa: BLE001  (a plugin without the one-shot path)
+        return {"allreduce": "nccl", "allreduce_detail": {"reason": f"no path report: {str(e)[:200]}"}}
+    return {"allreduce": info.get("path", "nccl"),
+            "allreduce_detail": {k: info.get(k) for k in ("reason", "kernel", "peers", "max_bytes", "pdl",
+                                                          "pdl_note", "error")}}
+
+
 def compare_tp(e1, e2, steps: int = 16, prompt: list[int] = TINY_PROMPT) -> dict:
     """The same model on one worker (``e1``) and on N (``e2``): both follow ``e1``'s greedy
     tokens for ``steps`` steps after ``prompt``; the largest logit difference (absolute and
@@ -151,7 +166,9 @@ def compare_tp(e1, e2, steps: int = 16, prompt: list[int] = TINY_PROMPT) -> dict
     rel = max(d / max(sc, 1e-6) for d, sc in zip(diffs, scale))
     e2.reset()
     dev2 = list(e2.generate(prompt, max_new_tokens=steps, stop_ids=()).output_ids)
-    return {"model": e1.config.name, "quantization": scheme, "kv": e2.kv, "shards": e2.shards,
+    sess = getattr(e2.runner, "sess", None)
+    path = allreduce_info(sess) if sess is not None and e2.device == "cuda" else {}
+    return {**path, "model": e1.config.name, "quantization": scheme, "kv": e2.kv, "shards": e2.shards,
             "cuda_graph": bool(getattr(e2.runner, "graph", False)), "steps": steps,
             "max_abs_diff": max(diffs), "max_rel_diff": rel, "tolerance_rel": tol,
             "tokens_tp1": tok1, "tokens_tp2": tok2, "same_tokens": tok1 == tok2,
@@ -174,7 +191,8 @@ def committed_study() -> dict:
     doc = json.loads((RESULTS / COMMITTED).read_text())
     m = doc["machine"]
     records = [r for r in doc["records"] if r["engine"] == "mlc_course" and r.get("kv") == "static"
-               and r["gemv"] == "course" and r["cuda_graph"] and r.get("pdl", True)]
+               and r["gemv"] == "course" and r["cuda_graph"] and r.get("pdl", True)
+               and r.get("allreduce", "oneshot") == "oneshot" and not r.get("prefetch")]  # the engine's defaults
     return {"gpu": m["gpu"], "gpus": m["gpus"], "bandwidth_GBps": doc.get("bandwidth_GBps"),
             "tp_correctness": doc["tp_correctness"], "records": records, "live": False,
             "source": f"the committed run on {m['gpus']}x {m['gpu']} (data/results/{COMMITTED}, "
@@ -232,6 +250,8 @@ def tp_study(live: bool | None = None, models=LIVE_MODELS, scheme: str = "q4f16_
 
                 records.append(decode_record(eng, results, bandwidth, prompt_len, new_tokens,
                                              pdl=supports_pdl(get_target("cuda")), gpu=gpu))
+                if shards > 1:
+                    records[-1].update(allreduce_info(eng.runner.sess))
             finally:
                 eng.close()
             log(f"{model} TP={shards}: {records[-1]['decode_tok_per_s']} tok/s")

@@ -345,18 +345,6 @@ def tp_setup(carry: Path) -> str:
     return "scripts.gpu_tp_worker"
 
 
-def allreduce_info(sess) -> dict:
-    """The all-reduce path of a session's workers (:func:`mlc_course.ccl.allreduce_path`)."""
-    from mlc_course import ccl
-
-    try:
-        info = ccl.allreduce_path(sess)
-    except Exception as e:  # noqa: BLE001  (a plugin without the one-shot path)
-        return {"allreduce": "nccl", "allreduce_detail": {"reason": f"no path report: {str(e)[:200]}"}}
-    return {"allreduce": info.get("path", "nccl"),
-            "allreduce_detail": {k: info.get(k) for k in ("reason", "kernel", "peers", "max_bytes", "error")}}
-
-
 def tp_speed(carry: Path, manifest: dict, bandwidth: float, prompt_len: int, new_tokens: int,
              runs: int, deadline: float, graph: bool = True, sink: list | None = None, save=lambda: None,
              shards: int = 2, allreduce=("oneshot", "nccl")) -> None:
@@ -365,7 +353,7 @@ def tp_speed(carry: Path, manifest: dict, bandwidth: float, prompt_len: int, new
     once per all-reduce path in ``allreduce`` (the plugin's one-shot kernel over peer memory,
     NCCL), switched in the same session on the same weights (the graphs recaptured)."""
     from mlc_course import ccl
-    from mlc_course.tp_bench import random_weight_engine
+    from mlc_course.tp_bench import allreduce_info, random_weight_engine
 
     entry = tp_setup(carry)
     for lib, meta, cfg, scheme, kv in llama_libraries(manifest, shards, deadline):
@@ -380,8 +368,15 @@ def tp_speed(carry: Path, manifest: dict, bandwidth: float, prompt_len: int, new
                 sess = eng.runner.sess
                 if k:
                     sess.get_global_func("mlc_course.graph_release")()  # recaptured with the new path
-                    ccl.set_allreduce_path(sess, mode)
+                    ccl.set_allreduce_path(sess, "nccl" if mode == "nccl" else "oneshot")
+                    if mode.startswith("oneshot"):
+                        try:
+                            ccl.set_oneshot_pdl(sess, mode == "oneshot")
+                        except Exception as e:  # noqa: BLE001  (a plugin without it, or no PDL here)
+                            log(f"  one-shot launch not switched: {str(e)[:200]}")
                 path = allreduce_info(sess)
+                if path["allreduce"] == "oneshot" and path["allreduce_detail"].get("pdl") is False:
+                    path["allreduce"] = "oneshot-nopdl"
                 log(f"  all-reduce: {path['allreduce']} ({path['allreduce_detail'].get('reason')})")
                 if k and path["allreduce"] != mode:
                     continue
@@ -426,7 +421,6 @@ def tiny_tp(carry: Path, manifest: dict, steps: int = 16, graph: bool = True) ->
                              graph=graph, entrypoint=entry)
             e2 = Engine.from_runner(r2, cfg, scheme, "cuda", quiet=True, kv=kv, shards=2)
             rec.update(compare_tp(e1, e2, steps))  # greedy on the GPUs too (in every worker's graph)
-            rec.update(allreduce_info(r2.sess))
         except Exception as e:  # noqa: BLE001
             import traceback
 
@@ -528,9 +522,10 @@ def main(argv=None) -> int:
     ap.add_argument("--skip", default="", help="comma-separated stages to skip: tiny,tp,llama,gemv,peer")
     ap.add_argument("--only", default="", help="comma-separated library names (or substrings) to run")
     ap.add_argument("--name", default="gpu_run.json", help="file name of the results under --out")
-    ap.add_argument("--allreduce", default="oneshot,nccl",
+    ap.add_argument("--allreduce", default="oneshot,oneshot-nopdl,nccl",
                     help="multi-GPU runs: all-reduce paths to time, in one session each (oneshot: the "
-                         "plugin's kernel over peer memory where it is set up; nccl)")
+                         "plugin's kernel over peer memory where it is set up, launched with PDL on "
+                         "sm_90+; oneshot-nopdl: the same without PDL; nccl)")
     ap.add_argument("--tp-modes", default="nograph,graph",
                     help="2-GPU runs: without and/or with each worker replaying CUDA graphs")
     args = ap.parse_args(argv)
