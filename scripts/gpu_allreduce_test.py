@@ -295,6 +295,10 @@ def _check_eager(cfg: dict) -> dict:
     paths = ["cpu_shm"] if cfg["device"] == "cpu" else ["nccl", "oneshot"]
     results: dict = {"rank": rank, "subnormal_inputs": sub, "paths": {}}
     outputs: dict = {}
+    # sizes over the one-shot threshold go to NCCL on either path, and NCCL's sum of more
+    # than two ranks is in its own order: those are checked against NCCL (within rounding,
+    # below), not bit for bit against the rank-order reference
+    limit = int(_path_info(cfg).get("max_bytes", MAX_BYTES) or MAX_BYTES)
     for path in paths:
         before = _set_path(cfg, path)
         failures, t0 = [], time.perf_counter()
@@ -310,7 +314,7 @@ def _check_eager(cfg: dict) -> dict:
             for c, xs in zip(cases, inputs):
                 got, guards_ok = c.read()
                 outputs[(path, c.index, rep)] = (got, xs)
-                if path != "nccl":
+                if path != "nccl" and (c.nbytes <= limit or nranks <= 2):
                     bad = _compare(c, got, guards_ok, reference(xs, c.dtype), nranks)
                     if bad is not None:
                         failures.append(dict(bad, round=rep))
