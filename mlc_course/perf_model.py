@@ -557,7 +557,8 @@ def gpu_comparison(records: list[dict] | None = None) -> list[dict]:
         if k["engine"].startswith("course-graph"):  # efficiency relative to the copy measured in the run
             p = predict(k["preset"], k["scheme"], gpu, int(r["shards"]), link="nvlink", context=ctx,
                         engine=k["engine"], bandwidth=float(r["bandwidth_GBps"]) * 1e9,
-                        allreduce=r.get("allreduce", "nccl"))  # (files before the one-shot path: NCCL)
+                        # (files before the one-shot path: NCCL; oneshot-pdl: the same kernel)
+                        allreduce="oneshot" if str(r.get("allreduce", "nccl")).startswith("oneshot") else "nccl")
         else:
             p = predict(k["preset"], k["scheme"], gpu, int(r["shards"]), link="nvlink",
                         cuda_graph=k["cuda_graph"], engine="course", context=ctx)

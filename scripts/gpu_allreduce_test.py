@@ -20,8 +20,9 @@ worker 0 a thread of this process, the others processes, buffers shared through 
    calls again (the epochs on the GPU must stay in step);
 4. ``bench``: time per float16 all-reduce, NCCL and one-shot, in a worker loop (CUDA events)
    and inside a CUDA graph of 100 calls; the one-shot path twice, launched with programmatic
-   dependent launch (its default on sm_90+) and without (``oneshot_nopdl``: plain
-   cuLaunchKernel, as with ``MLC_NCCL_ONESHOT_PDL=0``);
+   dependent launch on sm_90+ (this script sets ``MLC_NCCL_ONESHOT_PDL=1`` unless told
+   otherwise; the engine's default is off: slower in decode) and without (``oneshot_nopdl``:
+   plain cuLaunchKernel);
 
 then a ThreadedSession of 2 workers (peer access within one process): ``eager`` and ``graph``.
 
@@ -758,6 +759,7 @@ def table(res: Results) -> str:
 
 
 def main(argv=None) -> int:
+    os.environ.setdefault("MLC_NCCL_ONESHOT_PDL", "1")  # check and time the PDL launch too
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--carry", default=str(CARRY))
     ap.add_argument("--out", default=os.environ.get("OUT"))

@@ -369,14 +369,14 @@ def tp_speed(carry: Path, manifest: dict, bandwidth: float, prompt_len: int, new
                 if k:
                     sess.get_global_func("mlc_course.graph_release")()  # recaptured with the new path
                     ccl.set_allreduce_path(sess, "nccl" if mode == "nccl" else "oneshot")
-                    if mode.startswith("oneshot"):
-                        try:
-                            ccl.set_oneshot_pdl(sess, mode == "oneshot")
-                        except Exception as e:  # noqa: BLE001  (a plugin without it, or no PDL here)
-                            log(f"  one-shot launch not switched: {str(e)[:200]}")
+                if mode.startswith("oneshot"):
+                    try:
+                        ccl.set_oneshot_pdl(sess, mode == "oneshot-pdl")
+                    except Exception as e:  # noqa: BLE001  (a plugin without it, or no PDL here)
+                        log(f"  one-shot launch not switched: {str(e)[:200]}")
                 path = allreduce_info(sess)
-                if path["allreduce"] == "oneshot" and path["allreduce_detail"].get("pdl") is False:
-                    path["allreduce"] = "oneshot-nopdl"
+                if path["allreduce"] == "oneshot" and path["allreduce_detail"].get("pdl"):
+                    path["allreduce"] = "oneshot-pdl"
                 log(f"  all-reduce: {path['allreduce']} ({path['allreduce_detail'].get('reason')})")
                 if k and path["allreduce"] != mode:
                     continue
@@ -522,10 +522,10 @@ def main(argv=None) -> int:
     ap.add_argument("--skip", default="", help="comma-separated stages to skip: tiny,tp,llama,gemv,peer")
     ap.add_argument("--only", default="", help="comma-separated library names (or substrings) to run")
     ap.add_argument("--name", default="gpu_run.json", help="file name of the results under --out")
-    ap.add_argument("--allreduce", default="oneshot,oneshot-nopdl,nccl",
+    ap.add_argument("--allreduce", default="oneshot,oneshot-pdl,nccl",
                     help="multi-GPU runs: all-reduce paths to time, in one session each (oneshot: the "
-                         "plugin's kernel over peer memory where it is set up, launched with PDL on "
-                         "sm_90+; oneshot-nopdl: the same without PDL; nccl)")
+                         "plugin's kernel over peer memory where it is set up, launched plainly; "
+                         "oneshot-pdl: the same with programmatic dependent launch; nccl)")
     ap.add_argument("--tp-modes", default="nograph,graph",
                     help="2-GPU runs: without and/or with each worker replaying CUDA graphs")
     args = ap.parse_args(argv)

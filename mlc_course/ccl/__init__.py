@@ -31,10 +31,11 @@ its own kernels), so the plugin still builds with g++ alone; anything that keeps
 starting (``MLC_NCCL_ONESHOT=0``, no callback, no peer access, ...) leaves every all-reduce to
 NCCL, and :func:`allreduce_path` says which path is active and why. A wait for a peer gives up
 after ``MLC_NCCL_ONESHOT_TIMEOUT_S`` (30 s) and the worker's next all-reduce or sync reports it
-instead of hanging. On sm_90+ the kernel is launched with programmatic dependent launch
-(``cuLaunchKernelEx``, like the course's other decode kernels: it may start while the kernel
-before it still runs, and waits for it in ``griddepcontrol.wait``); ``MLC_NCCL_ONESHOT_PDL=0``
-launches it plainly, and :func:`allreduce_path` says which (``pdl``). See nccl.cc ("One-shot
+instead of hanging. ``MLC_NCCL_ONESHOT_PDL=1`` launches the kernel with programmatic
+dependent launch on sm_90+ (``cuLaunchKernelEx``, like the course's other decode kernels: it
+may start while the kernel before it still runs, and waits for it in ``griddepcontrol.wait``);
+off by default, because it measured slower in decode (2x H200, Llama-2-70B at TP=2: 111.0
+tok/s with it, 116.0 without), and :func:`allreduce_path` says which (``pdl``). See nccl.cc ("One-shot
 all-reduce") for the protocol.
 
 Typical use::
@@ -694,8 +695,8 @@ def init_nccl_ccl(session, num_workers: int | None = None, *, device_ids=None,
     ``oneshot_max_bytes`` (``MLC_NCCL_ONESHOT_MAX_BYTES``, 262144: the largest message it
     takes, and the size of its buffers, 2 x workers x this per GPU), ``oneshot_timeout_s``
     (``MLC_NCCL_ONESHOT_TIMEOUT_S``, 30: how long a kernel waits for a peer before it gives up
-    and the worker reports an error), ``oneshot_pdl`` (``MLC_NCCL_ONESHOT_PDL``, default on:
-    programmatic dependent launch of its kernel on sm_90+). The result's ``allreduce`` says what
+    and the worker reports an error), ``oneshot_pdl`` (``MLC_NCCL_ONESHOT_PDL``, default off:
+    programmatic dependent launch of its kernel on sm_90+; slower in decode when measured). The result's ``allreduce`` says what
     was set up.
     Compiling its kernel needs ``tvm_callback_cuda_compile`` in this process (TVM's own, or the
     course's nvcc one on GPU machines); without it all-reduces go to NCCL, and say so.

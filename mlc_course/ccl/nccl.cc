@@ -72,8 +72,10 @@
  *     (cuda_device.py): it may start while the GEMV before it still runs and waits for it with
  *     griddepcontrol.wait before touching global memory, and it lets the kernel after it start
  *     early (griddepcontrol.launch_dependents, its first instruction).  Plain cuLaunchKernel on
- *     older GPUs, without cuLaunchKernelEx, or with MLC_NCCL_ONESHOT_PDL=0 (read by the
- *     controller, handed to the workers); `debug_allreduce_path` says which ("pdl").
+ *     older GPUs, without cuLaunchKernelEx, or unless MLC_NCCL_ONESHOT_PDL=1 (read by the
+ *     controller, handed to the workers; off by default: slower in decode, measured on 2x H200,
+ *     Llama-2-70B TP=2 111.0 tok/s with it against 116.0 without); `debug_allreduce_path` says
+ *     which ("pdl").
  *   - Never hangs: the wait gives up after `timeout_s` (default 30 s, MLC_NCCL_ONESHOT_TIMEOUT_S;
  *     a generous default because a peer may legitimately be seconds behind, e.g. still
  *     uploading weights before its first collective), writes an error word to mapped host
@@ -816,8 +818,8 @@ __device__ __forceinline__ void mlc_st_chunk(void* p, const MlcChunk& v) {
 }
 
 // ---- programmatic dependent launch (sm_90+) ----
-// The host launches this kernel with programmaticStreamSerializationAllowed on sm_90+ (unless
-// MLC_NCCL_ONESHOT_PDL=0), like every other kernel of the decode step: it may then start while
+// With MLC_NCCL_ONESHOT_PDL=1 the host launches this kernel with programmaticStreamSerializationAllowed
+// on sm_90+, like every other kernel of the decode step: it may then start while
 // the kernel before it (the GEMV that writes `send`) is still running, and the kernel after it
 // may start once every block of this one has passed mlc_pdl_launch_dependents.  So:
 //   - launch_dependents comes first: the next kernel only gets its blocks resident and then
@@ -827,7 +829,7 @@ __device__ __forceinline__ void mlc_st_chunk(void* p, const MlcChunk& v) {
 //     and the epochs, flags, slots and abort words by earlier one-shot kernels (also earlier in
 //     this stream).  Every global load here is asm volatile with a "memory" clobber and none is
 //     ld.global.nc, so neither the compiler nor ptxas can move one above the wait.
-// Without the launch attribute (older GPUs, MLC_NCCL_ONESHOT_PDL=0) both are no-ops.
+// Without the launch attribute (the default, older GPUs) both are no-ops.
 __device__ __forceinline__ void mlc_pdl_launch_dependents() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
@@ -1377,7 +1379,10 @@ OneShotConfig ResolveOneShotConfig() {
     const char* v = std::getenv("MLC_NCCL_ONESHOT_PDL");
     std::string s = v ? v : "";
     std::transform(s.begin(), s.end(), s.begin(), [](unsigned char ch) { return std::tolower(ch); });
-    pdl = (s == "0" || s == "off" || s == "false" || s == "no") ? 0 : 1;
+    // default off: measured slower in decode (2x H200, Llama-2-70B TP=2: 111.0 tok/s with,
+    // 116.0 without; data/results/gpu_h200x2_oneshot_pdl.json), though 0.2 us faster per call
+    // in a graph of back-to-back all-reduces
+    pdl = (s == "1" || s == "on" || s == "true" || s == "yes") ? 1 : 0;
   }
   c.pdl = pdl != 0;
   c.enabled = mode != 0 && max_bytes > 0;
@@ -1529,7 +1534,7 @@ std::vector<Record> AllGatherRecords(Context* ctx, const Record& mine) {
 
 /*!
  * \brief Whether the one-shot kernel is launched with programmatic dependent launch: asked for
- * (MLC_NCCL_ONESHOT_PDL, default on), a GPU of compute capability 9.0+, cuLaunchKernelEx in
+ * (MLC_NCCL_ONESHOT_PDL=1; default off), a GPU of compute capability 9.0+, cuLaunchKernelEx in
  * libcuda, and kernels compiled for compute_90+ (CU_FUNC_ATTRIBUTE_PTX_VERSION >= 90: only then
  * do they contain griddepcontrol.wait; a PTX-JIT of an older build would not, and must not be
  * launched early).  Local to this rank: it changes when the kernel starts, never what it does,
@@ -1565,7 +1570,7 @@ void DecideOneShotPdl(OneShot* os, Driver* d, int major, int minor) {
   }
   os->pdl = os->pdl_supported && os->pdl_requested;
   if (os->pdl_supported && !os->pdl_requested) {
-    os->pdl_note = "switched off (MLC_NCCL_ONESHOT_PDL=0 or configure_oneshot_pdl); would use " +
+    os->pdl_note = "off (the default; MLC_NCCL_ONESHOT_PDL=1 or configure_oneshot_pdl turn it on); would use " +
                    os->pdl_note;
   }
   if (!os->pdl) os->pdl_note += "; plain cuLaunchKernel";
@@ -2282,7 +2287,7 @@ TVM_FFI_STATIC_INIT_BLOCK() {
              g_oneshot_timeout_s = timeout_s;
            })
       // Controller: programmatic dependent launch of the one-shot kernel for the next init_ccl
-      // (1 on where the GPU can, 0 off, -1 from MLC_NCCL_ONESHOT_PDL, default on).
+      // (1 on where the GPU can, 0 off, -1 from MLC_NCCL_ONESHOT_PDL, default off).
       .def("runtime.disco." MLC_CCL_NAME ".configure_oneshot_pdl",
            [](int64_t mode) {
              std::lock_guard<std::mutex> lock(g_config_mutex);
