@@ -75,8 +75,9 @@ COMPILE_LOG: list[dict] = []  # what each kernel compile did (fatbin found or nv
 def nvcc_compiler(arch: str, fatbin_dirs=(), cache=None):
     """A ``tvm_callback_cuda_compile``: TVM 0.27 keeps a library's kernels as CUDA C++ and
     calls this when the library is loaded. A fatbin built beforehand for the same source
-    (named by its sha256, in one of ``fatbin_dirs``) or in ``cache`` is used when present,
-    else nvcc compiles the source for ``arch`` with -O3 and caches it.
+    (named by its sha256, in one of ``fatbin_dirs``: built for ``arch``) or in ``cache`` (for
+    ``arch``) is used when present, else nvcc compiles the source for ``arch`` with -O3 and
+    caches it.
 
     TVM's own callback takes the arch from ``Target.current()`` (unset when a library is
     loaded) and compiles through NVRTC from the ``cuda-bindings`` package; this one names the
@@ -91,14 +92,16 @@ def nvcc_compiler(arch: str, fatbin_dirs=(), cache=None):
 
     def compile_cuda(code: str) -> bytes:
         digest = hashlib.sha256(code.encode()).hexdigest()
-        for folder in [*map(Path, fatbin_dirs), cache]:
-            f = folder / f"{digest}.fatbin"
+        # carried fatbins are named by the source alone (built for the carry's arch); the
+        # cache, which other GPUs of this machine may share, by source and arch
+        for f, where in [*((Path(d) / f"{digest}.fatbin", "carried") for d in fatbin_dirs),
+                         (cache / f"{digest}.{arch}.fatbin", "cache")]:
             if f.exists():
-                COMPILE_LOG.append({"sha256": digest[:16], "from": "cache" if folder == cache else "carried"})
+                COMPILE_LOG.append({"sha256": digest[:16], "from": where})
                 return f.read_bytes()
         cache.mkdir(parents=True, exist_ok=True)
-        cu, out = cache / f"{digest}.{os.getpid()}.cu", cache / f"{digest}.fatbin"
-        tmp = out.with_name(f"{digest}.{os.getpid()}.fatbin")
+        cu, out = cache / f"{digest}.{os.getpid()}.cu", cache / f"{digest}.{arch}.fatbin"
+        tmp = out.with_name(f"{digest}.{arch}.{os.getpid()}.fatbin")
         cu.write_text(code)
         t0 = time.time()
         cmd = ["nvcc", "-w", "-O3", "-fatbin", f"-gencode=arch=compute_{arch[3:]},code={arch}", "-o", str(tmp), str(cu)]

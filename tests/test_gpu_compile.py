@@ -118,8 +118,9 @@ def test_gpu_results_schema(path):
 def test_final_gpu_runs_are_complete():
     """The committed final runs of the current engine have every configuration the course
     reports, all correct: one H100 (the single-GPU target: the GEMV ladder, the transformers
-    peer, kernel traces, with and without programmatic dependent launch) and two GPUs (TP=1
-    and 2 in one run); the previous engine's 4-GPU run keeps TP = 4."""
+    peer, kernel traces, with and without programmatic dependent launch) and several GPUs
+    (TP = 1, 2, 4 in one run, each multi-GPU library with the one-shot all-reduce and NCCL; the
+    one-shot kernel with and without PDL on two)."""
     one = json.loads((ROOT / "data" / "results" / "gpu_h100x1.json").read_text())
     assert "H100" in one["machine"]["gpu"]
     assert all(c["ok"] and c.get("greedy_tokens_equal") for c in one["correctness"])
@@ -133,13 +134,19 @@ def test_final_gpu_runs_are_complete():
              if r["model"] == "llama2-7b" and r["quantization"] == "q4f16_1" and r.get("kv") == "static"
              and r.get("cuda_graph")}
     assert {(True, "course"), (False, "course"), (True, "dlight")} <= seven
-    two = json.loads((ROOT / "data" / "results" / "gpu_h200x2_tp2.json").read_text())
-    got = {(r["model"], r["quantization"], r["shards"], r.get("cuda_graph")) for r in two["records"]}
+    multi = json.loads((ROOT / "data" / "results" / "gpu_h200x4_tp4.json").read_text())
+    got = {(r["model"], r["quantization"], r["shards"], r.get("allreduce")) for r in multi["records"]
+           if r.get("cuda_graph")}
     for model in ("llama2-7b", "codellama-34b", "llama2-70b"):
-        assert (model, "q4f16_1", 1, True) in got and (model, "q4f16_1", 2, True) in got, model
-    assert all(c["ok"] for c in two["correctness"] + two["tp_correctness"]) and two["tp_correctness"]
-    four = json.loads((ROOT / "data" / "results" / "gpu_h200x4.json").read_text())
-    assert {("codellama-34b", 4), ("llama2-70b", 4)} <= {(r["model"], r["shards"]) for r in four["records"]}
+        assert (model, "q4f16_1", 1, None) in got, model
+        assert {(model, "q4f16_1", 2, "oneshot"), (model, "q4f16_1", 2, "nccl")} <= got, model
+    assert {("codellama-34b", "q4f16_1", 4, "oneshot"), ("llama2-70b", "q4f16_1", 4, "oneshot"),
+            ("llama2-70b", "q0f16", 4, "oneshot")} <= got
+    assert all(c["ok"] for c in multi["correctness"] + multi["tp_correctness"]) and multi["tp_correctness"]
+    pdl = json.loads((ROOT / "data" / "results" / "gpu_h200x2_oneshot_pdl.json").read_text())
+    assert {r.get("allreduce") for r in pdl["records"] if r["shards"] == 2} == {"oneshot", "oneshot-pdl", "nccl"}
+    assert all(r["allreduce_detail"]["pdl"] == (r["allreduce"] == "oneshot-pdl")
+               for r in pdl["records"] if str(r.get("allreduce", "")).startswith("oneshot"))
 
 
 def test_course_cuda_gemv_keeps_the_epilogue_in_the_kernel():
