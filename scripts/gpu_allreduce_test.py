@@ -41,7 +41,6 @@ import argparse
 import gc
 import json
 import os
-import subprocess
 import sys
 import threading
 import time
@@ -617,17 +616,6 @@ def setup(carry: Path, device: str):
     return WORKER
 
 
-def gpu_info() -> dict:
-    try:
-        q = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version",
-                            "--format=csv,noheader"], capture_output=True, text=True, timeout=30)
-        topo = subprocess.run(["nvidia-smi", "topo", "-m"], capture_output=True, text=True,
-                              timeout=30)
-        return {"gpus": q.stdout.strip().splitlines(), "topology": topo.stdout.strip()[:2000]}
-    except Exception as e:  # noqa: BLE001
-        return {"error": str(e)[:200]}
-
-
 def _on_workers(sess, name: str, cfg: dict) -> list:
     ref = sess.get_global_func(name)(json.dumps(cfg))
     return [json.loads(str(ref.debug_get_from_remote(w))) for w in range(int(sess.num_workers))]
@@ -799,6 +787,10 @@ def main(argv=None) -> int:
         from mlc_course.gpu import cuda_device_count
 
         gpus = cuda_device_count()
+        if str(ROOT) not in sys.path:
+            sys.path.insert(0, str(ROOT))
+        from scripts.gpu_tp_test import gpu_info
+
         res.data["machine"] = gpu_info()
     else:
         gpus = 4

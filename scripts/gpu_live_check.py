@@ -18,12 +18,10 @@ It writes one JSON file under ``--out``. On the lent GPU machines (no TVM instal
 from __future__ import annotations
 
 import argparse
-import faulthandler
 import json
 import os
 import sys
 import time
-import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,6 +47,7 @@ def main(argv=None) -> int:
     import tvm
 
     from mlc_course.gpu import COMPILE_LOG, cuda_device_count, local_arch
+    from scripts.gpu_run import run_stage
 
     doc = {"date": time.strftime("%Y-%m-%d", time.gmtime()), "command": "python3 scripts/gpu_live_check.py "
            + " ".join(sys.argv[1:] if argv is None else argv), "tvm": tvm.__version__,
@@ -62,18 +61,7 @@ def main(argv=None) -> int:
         (out / "gpu_live_check.json").write_text(json.dumps(doc, indent=1, default=str))
 
     def stage(name, fn, timeout_s):
-        t0 = time.time()
-        log(f"== {name}")
-        faulthandler.dump_traceback_later(timeout_s, exit=True)  # a hang ends the run, with stacks
-        try:
-            doc[name] = fn()
-        except Exception as e:  # noqa: BLE001
-            traceback.print_exc()
-            doc["errors"].append({"stage": name, "error": f"{type(e).__name__}: {str(e).strip()[-800:]}"})
-        finally:
-            faulthandler.cancel_dump_traceback_later()
-            doc["stages_s"][name] = round(time.time() - t0, 1)
-            save()
+        doc[name] = run_stage(doc, name, fn, timeout_s, save)
 
     def engine():
         from mlc_course.engine import Engine

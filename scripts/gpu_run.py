@@ -511,6 +511,28 @@ def transformers_peer(cfg_dict: dict, bandwidth: float, prompt_len: int, new_tok
 # ------------------------------------------------------------------------------- main
 
 
+def run_stage(doc: dict, name: str, fn, timeout_s: float, save):
+    """``fn()``'s value; an exception is printed and recorded in ``doc["errors"]``, the time
+    in ``doc["stages_s"]``, then ``save()``. A stage that hangs (a collective waiting for a
+    peer that died, say) prints every thread's stack after ``timeout_s`` and ends the run
+    instead of eating the machine's time."""
+    import faulthandler
+    import traceback
+
+    t0 = time.time()
+    log(f"== {name}")
+    faulthandler.dump_traceback_later(timeout_s, exit=True)
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001
+        traceback.print_exc()
+        doc["errors"].append({"stage": name, "error": f"{type(e).__name__}: {str(e).strip()[-800:]}"})
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+        doc["stages_s"][name] = round(time.time() - t0, 1)
+        save()
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="the course's GPU run")
     ap.add_argument("--out", default=os.environ.get("OUT", "gpu_out"))
@@ -552,24 +574,7 @@ def main(argv=None) -> int:
         (out_dir / args.name).write_text(json.dumps(doc, indent=1))
 
     def stage(name, fn, timeout_s: float = 300):
-        import faulthandler
-
-        t0 = time.time()
-        log(f"== {name}")
-        # a stage that hangs (a collective waiting for a peer that died, say) prints every
-        # thread's stack and ends the run instead of eating the machine's time
-        faulthandler.dump_traceback_later(timeout_s, exit=True)
-        try:
-            return fn()
-        except Exception as e:  # noqa: BLE001
-            import traceback
-
-            traceback.print_exc()
-            doc["errors"].append({"stage": name, "error": f"{type(e).__name__}: {str(e).strip()[-500:]}"})
-        finally:
-            faulthandler.cancel_dump_traceback_later()
-            doc["stages_s"][name] = round(time.time() - t0, 1)
-            save()
+        return run_stage(doc, name, fn, timeout_s, save)
 
     log(f"machine: {info}")
     bandwidth = stage("bandwidth", copy_bandwidth) or 0.0
