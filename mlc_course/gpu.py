@@ -69,6 +69,11 @@ def local_arch(index: int = 0) -> str | None:
     return arch_of(cc) if cc else None
 
 
+def nvcc_command(arch: str, src: str, out: str) -> list[str]:
+    """nvcc building a fatbin of ``src`` for one arch (``sm_90a`` needs the -gencode form)."""
+    return ["nvcc", "-w", "-O3", "-fatbin", f"-gencode=arch=compute_{arch[3:]},code={arch}", "-o", out, src]
+
+
 COMPILE_LOG: list[dict] = []  # what each kernel compile did (fatbin found or nvcc run), for result files
 
 
@@ -104,9 +109,8 @@ def nvcc_compiler(arch: str, fatbin_dirs=(), cache=None):
         tmp = out.with_name(f"{digest}.{arch}.{os.getpid()}.fatbin")
         cu.write_text(code)
         t0 = time.time()
-        cmd = ["nvcc", "-w", "-O3", "-fatbin", f"-gencode=arch=compute_{arch[3:]},code={arch}", "-o", str(tmp), str(cu)]
         try:
-            run = subprocess.run(cmd, capture_output=True, text=True)
+            run = subprocess.run(nvcc_command(arch, str(cu), str(tmp)), capture_output=True, text=True)
         except FileNotFoundError:
             raise RuntimeError("nvcc not found: loading the course's CUDA kernels compiles them with nvcc. "
                                "Install the CUDA toolkit (or put its bin folder on PATH)") from None

@@ -219,13 +219,15 @@ def tp_study(live: bool | None = None, models=LIVE_MODELS, scheme: str = "q4f16_
     if n < 2:
         raise RuntimeError(f"a live tensor-parallel study needs two or more CUDA GPUs; this machine has {n}. "
                            "Call tp_study() for the committed run")
-    from .compile import build_model
+    from .compile import build_model, get_target
     from .config import get_preset
+    from .cuda_device import supports_pdl
     from .engine import Engine
     from .gemv_bench import copy_bandwidth, gpu_here
 
     t_end = time.time() + budget_s
     gpu = gpu_here() or "CUDA GPU"
+    pdl = supports_pdl(get_target("cuda"))  # (the libraries build_model compiles for this GPU)
     correctness = []
     for sch in ("q0f32", "q4f16_1"):
         with Engine("tiny", sch, 1, "cuda", quiet=True) as e1, Engine("tiny", sch, 2, "cuda", quiet=True) as e2:
@@ -245,11 +247,7 @@ def tp_study(live: bool | None = None, models=LIVE_MODELS, scheme: str = "q4f16_
             eng = random_weight_engine(lib, cfg, scheme, shards, param_specs(cfg, scheme, shards))
             try:
                 results, _ = time_decode(eng, prompt_len, new_tokens, runs, t_end, log)
-                from .cuda_device import supports_pdl
-                from .compile import get_target
-
-                records.append(decode_record(eng, results, bandwidth, prompt_len, new_tokens,
-                                             pdl=supports_pdl(get_target("cuda")), gpu=gpu))
+                records.append(decode_record(eng, results, bandwidth, prompt_len, new_tokens, pdl=pdl, gpu=gpu))
                 if shards > 1:
                     records[-1].update(allreduce_info(eng.runner.sess))
             finally:

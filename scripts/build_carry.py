@@ -138,19 +138,17 @@ def ffi_members(wheel: Path) -> list[str]:
 
 
 def nvcc_fatbin(source: str, arch: str, out: Path) -> bool:
+    """``source`` compiled by nvcc into the fatbin ``out``; False where there is no nvcc."""
+    from mlc_course.gpu import nvcc_command
+
     if shutil.which("nvcc") is None:
         return False
+    out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         cu = Path(tmp) / "k.cu"
         cu.write_text(source)
         subprocess.run(nvcc_command(arch, str(cu), str(out)), check=True)
     return True
-
-
-def nvcc_command(arch: str, src: str, out: str) -> list[str]:
-    """nvcc for one arch (``sm_90a`` needs the -gencode form; see HOPPER notes)."""
-    return ["nvcc", "-w", "-O3", "-fatbin", f"-gencode=arch=compute_{arch[3:]},code={arch}",
-            "-o", out, src]
 
 
 def build_libraries(out: Path, models: list[str], device: str, log) -> dict:
@@ -302,7 +300,7 @@ def pack_compiler(dest: Path, log) -> Path:
     runs". Kept when newer than the library."""
     import lzma
 
-    src = next(p for p, _ in tvm_compiler_file())
+    src = tvm_compiler_file()
     out = dest / "libtvm_compiler.so.xz"
     if out.exists() and out.stat().st_mtime > src.stat().st_mtime:
         log(f"{out}: up to date")
@@ -317,14 +315,14 @@ def pack_compiler(dest: Path, log) -> Path:
     return out
 
 
-def tvm_compiler_file() -> list[tuple[Path, str]]:
-    """(path, path under site/) of libtvm_compiler.so in the installed wheel."""
+def tvm_compiler_file() -> Path:
+    """libtvm_compiler.so of the installed wheel."""
     import tvm
 
     lib = Path(tvm.__file__).resolve().parent / "lib" / "libtvm_compiler.so"
     if not lib.exists():
         raise SystemExit(f"{lib} not found: the compiler archive needs the full apache-tvm wheel here")
-    return [(lib, "tvm/lib/libtvm_compiler.so")]
+    return lib
 
 
 def main(argv=None) -> int:
