@@ -53,12 +53,16 @@ def random_params(params: list, seed: int = 0):
         yield a
 
 
+def specs_of(named) -> list:
+    """``[name, shape, dtype]`` (JSON-ready) of each ``(name, spec)`` :func:`mlc_course.model.export` returns."""
+    return [[n, [int(d) for d in spec.shape], str(spec.dtype)] for n, spec in named]
+
+
 def param_specs(cfg, scheme: str, shards: int) -> list:
     """``[name, shape, dtype]`` of one worker's parameters of the GPU model (static KV)."""
     from .model import export
 
-    _, named = export(cfg, scheme, shards, kv="static", gpu=True, form="half2")
-    return [[n, [int(d) for d in spec.shape], str(spec.dtype)] for n, spec in named]
+    return specs_of(export(cfg, scheme, shards, kv="static", gpu=True, form="half2")[1])
 
 
 def random_weight_engine(lib_path, cfg, scheme: str, shards: int, params: list, *, kv: str = "static",

@@ -157,6 +157,7 @@ def build_libraries(out: Path, models: list[str], device: str, log) -> dict:
     from mlc_course.config import get_preset
     from mlc_course.model import export
     from mlc_course.cuda_device import PREFETCH_BYTES, supports_pdl
+    from mlc_course.tp_bench import specs_of
 
     target = get_target(device)
     arch = str(target.attrs["arch"])
@@ -218,7 +219,7 @@ def build_libraries(out: Path, models: list[str], device: str, log) -> dict:
             "prefetch": (PREFETCH_BYTES if prefetch is None else prefetch) if pdl and supports_pdl(target) else 0,
             "restrict": restrict or not (pdl and supports_pdl(target)),
             "config": cfg.to_dict(),
-            "params": [[n, [int(d) for d in spec.shape], str(spec.dtype)] for n, spec in named],
+            "params": specs_of(named),
             "cuda_source_sha256": digests,
         }
     manifest["gemv"] = build_gemv_library(out, device, log)
